@@ -1,0 +1,1 @@
+"""pegaflow DRAM tier."""

@@ -1,0 +1,1 @@
+"""Contract test classes for pegaflow backends."""

@@ -1,0 +1,2 @@
+"""Built-in plugin: loopback."""
+from pegaflow_core.hookspecs import hookimpl

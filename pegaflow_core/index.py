@@ -1,0 +1,114 @@
+"""The Index interface: which block is where, and which blocks must not move right now.
+
+The index maps a ``BlockKey`` to the places holding its bytes (tier, node) and hands out
+**leases**: ``acquire`` finds the longest cached prefix of a request's keys and pins those blocks
+in one atomic step, so a block being loaded cannot be evicted between "it's there" and "copy it".
+A lease ends by ``release``, by its deadline, or by ``release_owner`` when the client that held it
+dies (the daemon's session watcher calls it). The index also keeps recency, so the tier stack
+asks it for victims (least recently used, never pinned).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .backend import Backend
+from .keys import BlockKey
+
+
+@dataclass(frozen=True)
+class Location:
+    """One copy of a block: in tier ``tier`` (its name in the stack) on node ``node`` ("" = here).
+
+    ``checksum`` is the xxhash64 of the block's bytes, set when the block was sealed; readers from
+    anything but local DRAM verify it and treat a mismatch as a miss.
+    """
+
+    tier: str
+    node: str = ""
+    nbytes: int = 0
+    checksum: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Pinned prefix hit. ``keys[i]`` can be read from any of ``locations[i]`` until released."""
+
+    lease_id: str
+    keys: tuple[BlockKey, ...]
+    locations: tuple[tuple[Location, ...], ...]
+    expires_at: float  # time.monotonic() deadline
+    owner: str = ""
+
+    @property
+    def hits(self) -> int:
+        return len(self.keys)
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    blocks: int  # distinct keys with at least one location
+    pinned: int  # distinct keys currently pinned by a lease
+    leases: int  # live leases
+
+
+class Index(Backend, ABC):
+    """Base class of every index. Thread-safe; every method is batched."""
+
+    @abstractmethod
+    def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        """Record that each key has a copy at that location (replacing an earlier one on the same
+        tier and node). Inserting marks the key as most recently used."""
+
+    @abstractmethod
+    def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
+        """Every known location of each key; an empty tuple is a miss. Does not touch recency."""
+
+    @abstractmethod
+    def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
+        """Pin the longest prefix of ``keys`` that has a location and return it as a lease.
+
+        The prefix stops at the first miss. A lease with no keys pins nothing but is still valid to
+        release. Hits become most recently used.
+        """
+
+    @abstractmethod
+    def release(self, lease_id: str) -> bool:
+        """Unpin a lease; ``False`` if it is unknown or already expired (never an error)."""
+
+    @abstractmethod
+    def release_owner(self, owner: str) -> int:
+        """Release every lease of ``owner`` (a client that went away); return how many."""
+
+    @abstractmethod
+    def expire(self, now: float | None = None) -> int:
+        """Release leases whose deadline passed; return how many."""
+
+    @abstractmethod
+    def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:
+        """Forget locations of ``keys`` (only those on ``tier``/``node`` when given), pinned or not
+        (the caller decides; the stack never removes pinned keys). Return how many keys lost a
+        location."""
+
+    @abstractmethod
+    def victims(self, tier: str, count: int, node: str = "") -> list[BlockKey]:
+        """Up to ``count`` least recently used keys with a copy on ``tier``/``node`` that no lease
+        pins, oldest first."""
+
+    @abstractmethod
+    def is_pinned(self, keys: Sequence[BlockKey]) -> list[bool]: ...
+
+    @abstractmethod
+    def stats(self) -> IndexStats: ...
+
+    def close(self) -> None:
+        """Release resources; the default has none."""
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

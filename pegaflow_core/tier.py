@@ -1,0 +1,107 @@
+"""The Tier interface: a capacity-bounded store of KV blocks.
+
+A tier stores opaque byte blocks under ``BlockKey``s. It never picks victims by itself: when it is
+full, ``put`` answers ``False`` for what did not fit and the tier stack (which knows leases and
+recency through the Index) evicts and retries. That keeps policy in one place and lets a tier be a
+plain store that a third party can write in an afternoon.
+
+Required methods are abstract. Tiers that hand out views of their own host memory declare
+``host_views`` and implement ``reserve``/``commit``/``abort``/``view``: the daemon then copies engine
+KV straight into the tier (one copy, no staging), and a block becomes visible only at ``commit``.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from .backend import Backend
+from .buffers import Buffer
+from .errors import PluginError
+from .keys import BlockKey
+
+
+class MemoryKind(enum.Enum):
+    """Memory a tier can read or write directly, so the daemon can pick the cheapest path."""
+
+    HOST = "host"
+    PINNED_HOST = "pinned_host"
+    GPU = "gpu"
+    FILE = "file"
+
+
+@dataclass(frozen=True)
+class TierCapabilities:
+    memory: frozenset[MemoryKind] = frozenset({MemoryKind.HOST})
+    persistent: bool = False  # contents survive close() and a crash; reopened by the same options
+    host_views: bool = False  # implements reserve/commit/abort/view
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    capacity_bytes: int
+    used_bytes: int
+    blocks: int
+
+
+class Tier(Backend, ABC):
+    """Base class of every tier. Subclasses set ``kind``, ``Options`` and ``capabilities``.
+
+    ``Options`` is a frozen dataclass; the config loader validates the YAML mapping against its
+    fields (types, sizes, unknown keys) before the tier is built with ``Tier(options)``.
+    All methods are batched and thread-safe: the daemon calls them from several threads at once.
+    """
+
+    capabilities: ClassVar[TierCapabilities] = TierCapabilities()
+
+    # -- required -------------------------------------------------------------------------
+    @abstractmethod
+    def put(self, keys: Sequence[BlockKey], blocks: Sequence[Buffer]) -> list[bool]:
+        """Copy each block in under its key. ``False`` where there was no room; a key already
+        stored is left as is and answers ``True``. Raises InvalidArgument on bad input, storing
+        nothing of the batch."""
+
+    @abstractmethod
+    def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
+        """Copy each stored block into the writable buffer beside it; ``False`` for a miss.
+        A destination whose size differs from the stored block raises InvalidArgument."""
+
+    @abstractmethod
+    def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Which keys are stored (committed)."""
+
+    @abstractmethod
+    def evict(self, keys: Sequence[BlockKey]) -> int:
+        """Drop these keys (missing ones are ignored); return how many were dropped."""
+
+    @abstractmethod
+    def usage(self) -> TierUsage: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release resources. Persistent tiers keep their contents for the next open."""
+
+    # -- capability: host_views ----------------------------------------------------------------
+    def reserve(self, keys: Sequence[BlockKey], nbytes: int) -> list[memoryview | None]:
+        """Writable views of ``nbytes`` each, invisible until ``commit``; ``None`` where full."""
+        raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    def commit(self, keys: Sequence[BlockKey]) -> None:
+        raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    def abort(self, keys: Sequence[BlockKey]) -> None:
+        raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
+        """Read-only views of committed blocks, valid while the caller holds a lease on them."""
+        raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    # -- context manager -----------------------------------------------------------------------
+    def __enter__(self) -> Tier:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
