@@ -9,7 +9,8 @@ at module import time.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -33,3 +34,13 @@ class Backend:
     def availability(cls) -> Availability:
         """Probe optional native dependencies (import them lazily here); never raise."""
         return Availability(True)
+
+    @classmethod
+    def conformance_options(cls, tmp_path: Path, capacity_bytes: int | None = None) -> Any:
+        """Options to build a small instance for ``pytest --pegaflow-conformance``.
+
+        ``tmp_path`` is a fresh directory the backend may use; ``capacity_bytes`` is the capacity
+        a tier should have (None for transports and indexes). Return None (the default) when the
+        backend cannot be built without outside help; its contracts are then skipped with that reason.
+        """
+        return None
