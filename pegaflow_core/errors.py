@@ -51,3 +51,8 @@ class IntegrityError(PegaflowError):
 
 class ClosedError(PegaflowError):
     """The object was closed and cannot be used any more."""
+
+
+class DaemonUnavailable(TransportError):
+    """The daemon cannot be reached (not started, restarting, or gone). Connectors treat this as a
+    cache miss and keep serving."""

@@ -1,0 +1,292 @@
+"""The engine-side client that connectors use: register a KV cache once, then one Save / Query /
+Load per engine step per rank.
+
+Connectors must keep serving when the daemon is down: every call raises ``DaemonUnavailable``
+(a ``TransportError``) quickly instead of hanging, and connectors treat that as a miss. A
+background session stream tells the daemon this client is alive (its leases and contexts are freed
+when it dies) and notices a daemon restart, after which every context is registered again under
+the same ``ContextHandle``, so callers never see the new ids.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from ._proto import pegaflow_pb2 as pb
+from ._proto import pegaflow_pb2_grpc as pb_grpc
+from .errors import CapacityError, DaemonUnavailable, InvalidArgument, NotFound, PegaflowError
+from .layout import Plane
+
+log = logging.getLogger("pegaflow.client")
+
+DEFAULT_ENDPOINT = "127.0.0.1:50055"
+_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """KV memory the daemon maps: a shared-memory file (CPU) or a CUDA IPC handle (GPU)."""
+
+    nbytes: int
+    path: str = ""
+    kind: str = "shm"
+    handle: bytes = b""
+    device: int = -1
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """Everything RegisterContext needs; kept by the client to register again after a restart."""
+
+    namespace: str
+    num_blocks: int
+    regions: tuple[RegionSpec, ...]
+    planes: tuple[Plane, ...]
+    instance_id: str = ""
+    shard: int = 0
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+    device: int = -1
+
+    @property
+    def num_layers(self) -> int:
+        return len({p.layer for p in self.planes})
+
+
+@dataclass
+class ContextHandle:
+    """A registered context. ``context_id`` may change under it when the daemon restarts."""
+
+    spec: ContextSpec
+    context_id: str = ""
+    block_bytes: int = 0
+    daemon_id: str = ""
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    stored: int
+    already_present: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    hit_blocks: int
+    lease_id: str
+    loading: bool = False
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    failed_block_ids: tuple[int, ...]
+    bytes: int
+
+
+def _error(exc: grpc.RpcError, what: str) -> PegaflowError:
+    code, detail = exc.code(), exc.details() or ""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return DaemonUnavailable(f"{what}: pegaflow daemon unavailable ({code.name}: {detail})")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidArgument(f"{what}: {detail}")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(f"{what}: {detail}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return CapacityError(f"{what}: {detail}")
+    return PegaflowError(f"{what}: {code.name}: {detail}")
+
+
+def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRequest:
+    return pb.RegisterContextRequest(
+        session_id=session_id, instance_id=spec.instance_id, namespace=spec.namespace, shard=spec.shard,
+        tp_rank=spec.tp_rank, tp_size=spec.tp_size, pp_rank=spec.pp_rank, pp_size=spec.pp_size,
+        device=spec.device, num_blocks=spec.num_blocks, num_layers=spec.num_layers,
+        regions=[pb.MemoryRegion(kind=r.kind, path=r.path, handle=r.handle, nbytes=r.nbytes, device=r.device) for r in spec.regions],
+        planes=[pb.Plane(layer=p.layer, region=p.region, offset=p.offset, block_stride=p.block_stride, block_bytes=p.block_bytes) for p in spec.planes],
+    )
+
+
+class LoadHandle:
+    """An asynchronous load. ``wait_layer(i)`` returns once layer ``i`` is in place, so the engine
+    can compute layer i while later layers are still being copied."""
+
+    def __init__(self, stream: Iterator[pb.LoadProgress], num_layers: int) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+        self.layers_done = 0
+        self.num_layers = num_layers
+        self.result: LoadResult | None = None
+
+    def wait_layer(self, layer: int) -> None:
+        while self.result is None and self.layers_done <= layer:
+            self._next()
+
+    def wait(self) -> LoadResult:
+        while self.result is None:
+            self._next()
+        return self.result
+
+    def _next(self) -> None:
+        with self._lock:
+            if self.result is not None:
+                return
+            try:
+                progress = next(self._stream)
+            except StopIteration:
+                raise DaemonUnavailable("load: the daemon ended the stream before the load finished") from None
+            except grpc.RpcError as exc:
+                raise _error(exc, "load") from None
+            self.layers_done = progress.layers_done
+            if progress.done:
+                self.result = LoadResult(tuple(progress.failed_block_ids), progress.bytes)
+
+
+class PegaflowClient:
+    """Synchronous client. Thread-safe; one per engine process is enough."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 5.0, description: str = "") -> None:
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.session_id = uuid.uuid4().hex
+        self.description = description
+        self._channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.PegaflowStub(self._channel)
+        self._lock = threading.Lock()
+        self._contexts: list[ContextHandle] = []
+        self._closed = threading.Event()
+        self.daemon_id = ""
+        self._session_thread = threading.Thread(target=self._session_loop, name="pegaflow-session", daemon=True)
+        self._session_thread.start()
+
+    # -- session and reconnects ----------------------------------------------------------------
+    def _session_loop(self) -> None:
+        backoff = 0.05
+        while not self._closed.is_set():
+            try:
+                stream = self._stub.Session(pb.SessionRequest(session_id=self.session_id, description=self.description))
+                self._session_call = stream
+                for event in stream:
+                    backoff = 0.05
+                    if event.daemon_id != self.daemon_id:
+                        self._on_daemon(event.daemon_id)
+            except grpc.RpcError as exc:
+                if self._closed.is_set():
+                    return
+                log.debug("session stream ended: %s", exc.code())
+            self._closed.wait(backoff)
+            backoff = min(1.0, backoff * 2)
+
+    def _on_daemon(self, daemon_id: str) -> None:
+        restarted = bool(self.daemon_id)
+        self.daemon_id = daemon_id
+        if restarted:
+            log.warning("pegaflow daemon at %s restarted; registering %d contexts again", self.endpoint, len(self._contexts))
+        for handle in list(self._contexts):
+            if handle.daemon_id != daemon_id:
+                try:
+                    self._register(handle)
+                except PegaflowError as exc:
+                    log.warning("re-registering %s failed: %s", handle.spec.instance_id, exc)
+
+    def _call(self, method: str, request: object, what: str, timeout: float | None = None) -> object:
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
+        except grpc.RpcError as exc:
+            raise _error(exc, what) from None
+
+    def _with_context(self, handle: ContextHandle, method: str, make: object, what: str) -> object:
+        """Call with the handle's current id; on 'unknown context' (daemon restarted) register
+        again and retry once."""
+        if not handle.context_id:
+            self._register(handle)
+        try:
+            return self._call(method, make(handle.context_id), what)
+        except NotFound as exc:
+            if "unknown context" not in str(exc):
+                raise
+            self._register(handle)
+            return self._call(method, make(handle.context_id), what)
+
+    # -- API ----------------------------------------------------------------------------------
+    def health(self, timeout_s: float | None = None) -> pb.HealthResponse:
+        return self._call("Health", pb.HealthRequest(), "health", timeout_s)
+
+    def wait_ready(self, timeout_s: float = 10.0) -> pb.HealthResponse:
+        """Poll Health until the daemon answers (e.g. right after starting it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return self.health(timeout_s=0.5)
+            except DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def register_context(self, spec: ContextSpec) -> ContextHandle:
+        handle = ContextHandle(spec)
+        self._register(handle)
+        with self._lock:
+            self._contexts.append(handle)
+        return handle
+
+    def _register(self, handle: ContextHandle) -> None:
+        reply = self._call("RegisterContext", register_request(handle.spec, self.session_id), "register_context")
+        handle.context_id, handle.block_bytes, handle.daemon_id = reply.context_id, reply.block_bytes, reply.daemon_id
+
+    def unregister_context(self, handle: ContextHandle) -> None:
+        with self._lock:
+            if handle in self._contexts:
+                self._contexts.remove(handle)
+        if handle.context_id:
+            try:
+                self._call("UnregisterContext", pb.UnregisterContextRequest(context_id=handle.context_id), "unregister_context")
+            except NotFound:
+                pass
+
+    def save(self, handle: ContextHandle, block_ids: Sequence[int], block_hashes: Sequence[bytes]) -> SaveResult:
+        reply = self._with_context(handle, "Save", lambda cid: pb.SaveRequest(
+            context_id=cid, block_ids=list(block_ids), block_hashes=list(block_hashes)), "save")
+        return SaveResult(reply.stored, reply.already_present, reply.dropped)
+
+    def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0) -> QueryResult:
+        reply = self._with_context(handle, "Query", lambda cid: pb.QueryRequest(
+            context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s), "query")
+        return QueryResult(reply.hit_blocks, reply.lease_id, reply.loading)
+
+    def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:
+        if not handle.context_id:
+            self._register(handle)
+        request = pb.LoadRequest(context_id=handle.context_id, lease_id=lease_id, block_ids=list(block_ids), release_after=release_after)
+        stream = self._stub.Load(request, timeout=max(self.timeout_s, 60.0))
+        return LoadHandle(stream, handle.spec.num_layers)
+
+    def release(self, lease_ids: Sequence[str]) -> int:
+        return self._call("Release", pb.ReleaseRequest(lease_ids=[l for l in lease_ids if l]), "release").released
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call("Stats", pb.StatsRequest(), "stats")
+
+    def close(self) -> None:
+        """Unregister nothing explicitly: closing the session frees this client's leases and
+        contexts on the daemon side."""
+        self._closed.set()
+        call = getattr(self, "_session_call", None)
+        if call is not None:
+            call.cancel()
+        self._channel.close()
+        self._session_thread.join(timeout=2)
+
+    def __enter__(self) -> PegaflowClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,108 @@
+"""Engine contexts: one registered KV cache (one engine rank) and the memory the daemon mapped
+for it. Mapping happens once, at registration; every later Save/Load only names block ids."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidArgument, NotFound
+from .keys import BlockKey
+from .layout import KVLayout
+from .shm import SharedRegion
+
+
+@dataclass
+class EngineContext:
+    context_id: str
+    session_id: str
+    instance_id: str
+    namespace: str
+    shard: int
+    layout: KVLayout
+    regions: list[SharedRegion]
+    device: int = -1
+    tp_rank: int = 0
+    tp_size: int = 1
+    arrays: list[np.ndarray] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.arrays = [r.array for r in self.regions]
+
+    @property
+    def block_bytes(self) -> int:
+        return self.layout.block_bytes
+
+    def keys(self, block_hashes: Sequence[bytes]) -> list[BlockKey]:
+        try:
+            return [BlockKey(self.namespace, h, self.shard) for h in block_hashes]
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"block_hashes: {exc}") from None
+
+    def close(self) -> None:
+        self.arrays = []
+        for region in self.regions:
+            region.close()
+
+
+class ContextTable:
+    """Registered contexts by id and by session. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, EngineContext] = {}
+        self._ids = itertools.count(1)
+        self._prefix = secrets.token_hex(4)
+
+    def new_id(self) -> str:
+        return f"ctx-{self._prefix}-{next(self._ids)}"
+
+    def add(self, context: EngineContext) -> None:
+        with self._lock:
+            for other in self._by_id.values():
+                if (
+                    other.session_id
+                    and other.session_id == context.session_id
+                    and other.instance_id == context.instance_id
+                    and other.tp_rank == context.tp_rank
+                    and other.shard == context.shard
+                    and other.namespace == context.namespace
+                ):
+                    raise InvalidArgument(
+                        f"instance {context.instance_id!r} rank {context.tp_rank} is already registered in this "
+                        f"session as {other.context_id}; unregister it first"
+                    )
+            self._by_id[context.context_id] = context
+
+    def get(self, context_id: str) -> EngineContext:
+        with self._lock:
+            context = self._by_id.get(context_id)
+        if context is None:
+            raise NotFound(f"unknown context {context_id!r}: register the KV cache first (the daemon may have restarted)")
+        return context
+
+    def pop(self, context_id: str) -> EngineContext:
+        with self._lock:
+            context = self._by_id.pop(context_id, None)
+        if context is None:
+            raise NotFound(f"unknown context {context_id!r}")
+        return context
+
+    def pop_session(self, session_id: str) -> list[EngineContext]:
+        with self._lock:
+            gone = [c for c in self._by_id.values() if c.session_id == session_id]
+            for c in gone:
+                del self._by_id[c.context_id]
+        return gone
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def all(self) -> list[EngineContext]:
+        with self._lock:
+            return list(self._by_id.values())

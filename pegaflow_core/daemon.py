@@ -1,0 +1,407 @@
+"""``pegaflow serve``: the daemon. A grpc.aio control plane over the tier stack.
+
+The servicer validates requests, turns them into stack and copier calls, and maps pegaflow errors
+to gRPC status codes. Copies run on a thread pool, never on the event loop. A client holds a
+Session stream open; when it drops (exit or kill -9) the daemon releases that session's leases and
+unregisters its contexts, so a dead engine pins nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import secrets
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+
+from . import __version__
+from ._proto import pegaflow_pb2 as pb
+from ._proto import pegaflow_pb2_grpc as pb_grpc
+from .config import DaemonConfig
+from .contexts import ContextTable, EngineContext
+from .copier import HostCopier
+from .errors import CapacityError, InvalidArgument, NotFound, PegaflowError
+from .index import Lease
+from .layout import KVLayout, Plane
+from .metrics import Metrics
+from .shm import SharedRegion, reap_orphans
+from .stack import TierStack
+
+log = logging.getLogger("pegaflow.daemon")
+
+MAX_MESSAGE_BYTES = 64 << 20
+_STATUS = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _status_of(exc: BaseException) -> grpc.StatusCode:
+    if not isinstance(exc, PegaflowError):
+        return grpc.StatusCode.INTERNAL
+    return next((c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.FAILED_PRECONDITION)
+
+
+async def _abort(servicer: Servicer, method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Answer with the status code of ``exc``; unexpected errors are logged with a traceback."""
+    code = _status_of(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method, exc_info=exc)
+    servicer.metrics.rpc_errors.labels(method, code.name).inc()
+    await context.abort(code, str(exc) if isinstance(exc, PegaflowError) else f"internal error: {exc!r}")
+
+
+def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Time a unary RPC and turn errors into precise status codes with their message."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def unary(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        start = time.perf_counter()
+        try:
+            return await method(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):
+                raise
+            await _abort(self, name, context, exc)
+        finally:
+            self.metrics.rpc_seconds.labels(name).observe(time.perf_counter() - start)
+
+    return unary
+
+
+class Servicer(pb_grpc.PegaflowServicer):
+    def __init__(self, config: DaemonConfig, stack: TierStack, metrics: Metrics, executor: ThreadPoolExecutor) -> None:
+        self.config = config
+        self.stack = stack
+        self.metrics = metrics
+        self.executor = executor
+        self.copier = HostCopier()
+        self.contexts = ContextTable()
+        self.leases: dict[str, Lease] = {}
+        self.sessions: dict[str, int] = {}
+        self.daemon_id = secrets.token_hex(8)
+        self.started = time.monotonic()
+        metrics.bind_gauge(metrics.contexts, lambda: len(self.contexts))
+        metrics.bind_gauge(metrics.sessions, lambda: len(self.sessions))
+        metrics.bind_gauge(metrics.leases, lambda: self.stack.index.stats().leases)
+        metrics.bind_gauge(metrics.pinned, lambda: self.stack.index.stats().pinned)
+
+    async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    # -- liveness -----------------------------------------------------------------------------
+    async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
+        return pb.HealthResponse(
+            status="serving", daemon_id=self.daemon_id, version=__version__,
+            node=self.config.server.node, uptime_s=time.monotonic() - self.started,
+        )
+
+    async def Session(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvent]:
+        session_id = request.session_id
+        if not session_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_id must not be empty")
+        self.sessions[session_id] = self.sessions.get(session_id, 0) + 1
+        log.info("session %s opened (%s)", session_id, request.description)
+        try:
+            yield pb.SessionEvent(daemon_id=self.daemon_id)
+            await asyncio.Event().wait()  # until the client goes away and gRPC cancels us
+        finally:
+            self.sessions[session_id] -= 1
+            if self.sessions[session_id] == 0:
+                del self.sessions[session_id]
+                self._end_session(session_id)
+
+    def _end_session(self, session_id: str) -> None:
+        released = self.stack.index.release_owner(session_id)
+        for lease_id in [k for k, lease in self.leases.items() if lease.owner == session_id]:
+            del self.leases[lease_id]
+        gone = self.contexts.pop_session(session_id)
+        for ctx in gone:
+            ctx.close()
+        log.info("session %s ended: released %d leases, unregistered %d contexts", session_id, released, len(gone))
+
+    # -- contexts -----------------------------------------------------------------------------
+    @_rpc
+    async def RegisterContext(self, request: pb.RegisterContextRequest, context: grpc.aio.ServicerContext) -> pb.RegisterContextResponse:
+        if not request.namespace:
+            raise InvalidArgument("namespace must not be empty")
+        if not request.regions:
+            raise InvalidArgument("regions: at least one KV memory region is needed")
+        if request.tp_size and request.tp_rank >= request.tp_size:
+            raise InvalidArgument(f"tp_rank {request.tp_rank} is not below tp_size {request.tp_size}")
+        layout = KVLayout(
+            num_blocks=request.num_blocks,
+            num_layers=request.num_layers or len({p.layer for p in request.planes}),
+            planes=tuple(Plane(p.layer, p.region, p.offset, p.block_stride, p.block_bytes) for p in request.planes),
+        )
+        layout.validate([r.nbytes for r in request.regions])
+        regions = await self._offload(self._map_regions, list(request.regions))
+        try:
+            self.stack.claim_block_size(request.namespace, layout.block_bytes)
+        except PegaflowError:
+            for region in regions:
+                region.close()
+            raise
+        ctx = EngineContext(
+            context_id=self.contexts.new_id(), session_id=request.session_id, instance_id=request.instance_id,
+            namespace=request.namespace, shard=request.shard, layout=layout, regions=regions,
+            device=request.device, tp_rank=request.tp_rank, tp_size=request.tp_size or 1,
+        )
+        try:
+            self.contexts.add(ctx)
+        except PegaflowError:
+            ctx.close()
+            raise
+        log.info("registered %s: instance %s ns %s shard %d, %d blocks of %d bytes",
+                 ctx.context_id, ctx.instance_id, ctx.namespace, ctx.shard, layout.num_blocks, layout.block_bytes)
+        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes, daemon_id=self.daemon_id)
+
+    @staticmethod
+    def _map_regions(regions: list[pb.MemoryRegion]) -> list[SharedRegion]:
+        mapped: list[SharedRegion] = []
+        try:
+            for i, region in enumerate(regions):
+                if region.kind != "shm":
+                    raise InvalidArgument(
+                        f"regions[{i}].kind {region.kind!r} is not served by this daemon (host-memory daemons map 'shm'; "
+                        "'cuda_ipc' needs the GPU data path)"
+                    )
+                mapped.append(SharedRegion.attach(region.path, region.nbytes))
+        except BaseException:
+            for region in mapped:
+                region.close()
+            raise
+        return mapped
+
+    @_rpc
+    async def UnregisterContext(self, request: pb.UnregisterContextRequest, context: grpc.aio.ServicerContext) -> pb.UnregisterContextResponse:
+        self.contexts.pop(request.context_id).close()
+        return pb.UnregisterContextResponse()
+
+    # -- data ---------------------------------------------------------------------------------
+    @_rpc
+    async def Save(self, request: pb.SaveRequest, context: grpc.aio.ServicerContext) -> pb.SaveResponse:
+        ctx = self.contexts.get(request.context_id)
+        if len(request.block_ids) != len(request.block_hashes):
+            raise InvalidArgument(f"block_ids has {len(request.block_ids)} entries but block_hashes has {len(request.block_hashes)}")
+        block_ids = list(request.block_ids)
+        ctx.layout.check_block_ids(block_ids)
+        keys = ctx.keys(request.block_hashes)
+
+        def fill(positions: list[int], views: list[memoryview]) -> None:
+            self.copier.gather(ctx.layout, ctx.arrays, [block_ids[p] for p in positions], views)
+
+        start = time.perf_counter()
+        outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill)
+        self.metrics.transfer_seconds.labels("save").observe(time.perf_counter() - start)
+        return pb.SaveResponse(stored=outcome.stored, already_present=outcome.already_present, dropped=outcome.dropped)
+
+    @_rpc
+    async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> pb.QueryResponse:
+        ctx = self.contexts.get(request.context_id)
+        keys = ctx.keys(request.block_hashes)
+        ttl = request.lease_ttl_s or self.config.server.lease_ttl
+        if ttl < 0:
+            raise InvalidArgument(f"lease_ttl_s must be >= 0, got {ttl}")
+        lease = self.stack.acquire(keys, ttl, owner=ctx.session_id or ctx.context_id)
+        if lease.hits == 0:
+            self.stack.release(lease.lease_id)
+            return pb.QueryResponse(hit_blocks=0)
+        self.leases[lease.lease_id] = lease
+        return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id)
+
+    async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
+        start = time.perf_counter()
+        try:
+            ctx, lease, block_ids = self._check_load(request)
+        except PegaflowError as exc:
+            await _abort(self, "Load", context, exc)
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[int] = asyncio.Queue()
+        num_layers = len(ctx.layout.layer_groups())
+        keys = list(lease.keys[: len(block_ids)])
+
+        def run() -> list[int]:
+            views = self.stack.read_views(keys, ctx.block_bytes)
+            failed = [b for b, v in zip(block_ids, views) if v is None]
+            self.copier.scatter(ctx.layout, ctx.arrays, block_ids, views,
+                                on_layer=lambda done: loop.call_soon_threadsafe(progress.put_nowait, done))
+            loaded = len(block_ids) - len(failed)
+            self.metrics.bytes.labels(self.stack.top[0], "load").inc(loaded * ctx.block_bytes)
+            self.metrics.blocks.labels(self.stack.top[0], "load").inc(loaded)
+            return failed
+
+        job = loop.run_in_executor(self.executor, run)
+        try:
+            layers_done = 0
+            while layers_done < num_layers:
+                getter = asyncio.ensure_future(progress.get())
+                await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break  # the copy ended before reporting every layer: its error surfaces below
+                layers_done = getter.result()
+                if layers_done < num_layers:
+                    yield pb.LoadProgress(layers_done=layers_done, num_layers=num_layers)
+            try:
+                failed = await job
+            except Exception as exc:
+                await _abort(self, "Load", context, exc)
+            yield pb.LoadProgress(
+                layers_done=num_layers, num_layers=num_layers, done=True, failed_block_ids=failed,
+                bytes=(len(block_ids) - len(failed)) * ctx.block_bytes,
+            )
+        finally:
+            if not job.done():
+                try:
+                    await asyncio.shield(job)  # never free a lease while its blocks are being copied
+                except Exception:
+                    pass  # already reported to the client, or the client is gone
+            if request.release_after:
+                self._release(request.lease_id)
+            self.metrics.transfer_seconds.labels("load").observe(time.perf_counter() - start)
+            self.metrics.rpc_seconds.labels("Load").observe(time.perf_counter() - start)
+
+    def _check_load(self, request: pb.LoadRequest) -> tuple[EngineContext, Lease, list[int]]:
+        ctx = self.contexts.get(request.context_id)
+        lease = self.leases.get(request.lease_id)
+        if lease is None or lease.expires_at < time.monotonic():
+            raise NotFound(f"unknown or expired lease {request.lease_id!r}: query again")
+        block_ids = list(request.block_ids)
+        if len(block_ids) > lease.hits:
+            raise InvalidArgument(f"block_ids has {len(block_ids)} entries but the lease holds {lease.hits} blocks")
+        ctx.layout.check_block_ids(block_ids)
+        for key in lease.keys[: len(block_ids)]:
+            if key.namespace != ctx.namespace or key.shard != ctx.shard:
+                raise InvalidArgument(
+                    f"lease {request.lease_id} holds blocks of namespace {key.namespace!r} shard {key.shard}, "
+                    f"not of this context ({ctx.namespace!r} shard {ctx.shard})"
+                )
+        return ctx, lease, block_ids
+
+    @_rpc
+    async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:
+        return pb.ReleaseResponse(released=sum(self._release(lease_id) for lease_id in request.lease_ids))
+
+    def _release(self, lease_id: str) -> bool:
+        self.leases.pop(lease_id, None)
+        return self.stack.release(lease_id)
+
+    @_rpc
+    async def Stats(self, request: pb.StatsRequest, context: grpc.aio.ServicerContext) -> pb.StatsResponse:
+        tiers = []
+        for name, tier in self.stack.tiers:
+            usage = tier.usage()
+            tiers.append(pb.TierStats(name=name, kind=tier.kind, capacity_bytes=usage.capacity_bytes,
+                                      used_bytes=usage.used_bytes, blocks=usage.blocks))
+        index = self.stack.index.stats()
+        return pb.StatsResponse(
+            daemon_id=self.daemon_id, uptime_s=time.monotonic() - self.started, tiers=tiers,
+            index_blocks=index.blocks, pinned_blocks=index.pinned, leases=index.leases,
+            contexts=len(self.contexts), sessions=len(self.sessions), counters=self.metrics.counters(),
+        )
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def expire(self) -> None:
+        now = time.monotonic()
+        self.stack.index.expire(now)
+        for lease_id in [k for k, lease in self.leases.items() if lease.expires_at < now]:
+            del self.leases[lease_id]
+
+    def close(self) -> None:
+        for ctx in self.contexts.all():
+            ctx.close()
+        self.copier.close()
+
+
+class Daemon:
+    """One daemon: tier stack, gRPC server, metrics endpoint and housekeeping."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        tiers = []
+        try:
+            for component in config.tiers:
+                tiers.append((component.name, component.build()))
+            index = config.index.build()
+        except BaseException:
+            for _, tier in tiers:
+                tier.close()
+            raise
+        self.stack = TierStack(tiers, index, self.metrics, node="")
+        self.executor = ThreadPoolExecutor(8, thread_name_prefix="pegaflow-rpc")
+        self.servicer = Servicer(config, self.stack, self.metrics, self.executor)
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_address: tuple[str, int] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        reap_orphans()
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ])
+        pb_grpc.add_PegaflowServicer_to_server(self.servicer, self.server)
+        listen = self.config.server.listen
+        self.port = self.server.add_insecure_port(listen)
+        if self.port == 0:
+            raise PegaflowError(f"server.listen: cannot bind {listen} (address in use or not local)")
+        await self.server.start()
+        if self.config.server.metrics:
+            self.metrics_address = self.metrics.serve(self.config.server.metrics)
+        self._housekeeping = asyncio.create_task(self._housekeep())
+        host = listen.rpartition(":")[0]
+        log.info("pegaflow %s serving on %s:%d (tiers: %s; metrics: %s)", __version__, host, self.port,
+                 ", ".join(f"{n}={t.kind}" for n, t in self.stack.tiers),
+                 "http://%s:%d/metrics" % self.metrics_address if self.metrics_address else "off")
+
+    async def _housekeep(self) -> None:
+        ticks = 0
+        while True:
+            await asyncio.sleep(1.0)
+            ticks += 1
+            self.servicer.expire()
+            if ticks % 60 == 0:
+                await asyncio.get_running_loop().run_in_executor(self.executor, reap_orphans)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+        if self.server is not None:
+            await self.server.stop(grace)
+        self.servicer.close()
+        self.executor.shutdown(wait=True)
+        self.stack.close()
+        self.metrics.close()
+
+
+async def _serve(config: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
+    daemon = Daemon(config)
+    await daemon.start()
+    if ready is not None:
+        ready(daemon)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await daemon.stop()
+
+
+def serve_forever(config: DaemonConfig, ready: Callable[[Daemon], None] | None = None) -> None:
+    """Run the daemon until SIGINT/SIGTERM."""
+    asyncio.run(_serve(config, ready))

@@ -1,0 +1,222 @@
+"""The tier stack: the daemon's store, built from the config's tiers and index.
+
+It owns placement policy and nothing else: where a saved block goes (the top tier, through its
+host views, so the copy from engine memory lands in place), what is evicted when the top tier is
+full (the index's least recently used unpinned blocks, spilled to the next tier down when there is
+one), and how a hit in a lower tier is promoted back to the top before it is served. Copies from
+and to engine memory are the caller's (the daemon's copier); the stack hands out views.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidArgument, PegaflowError
+from .index import Index, Lease, Location
+from .keys import BlockKey
+from .metrics import Metrics
+from .tier import Tier
+
+log = logging.getLogger("pegaflow.stack")
+
+Fill = Callable[[list[int], list[memoryview]], None]
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    stored: int
+    already_present: int
+    dropped: int
+
+
+class TierStack:
+    """Tiers top (fastest) to bottom, one index over all of them."""
+
+    def __init__(self, tiers: Sequence[tuple[str, Tier]], index: Index, metrics: Metrics, node: str = "") -> None:
+        if not tiers:
+            raise InvalidArgument("a tier stack needs at least one tier")
+        top_name, top = tiers[0]
+        if not top.capabilities.host_views:
+            raise InvalidArgument(
+                f"tiers[0] ({top_name!r}, kind {top.kind!r}) must offer host views (like 'dram'): the daemon "
+                "copies engine KV straight into the top tier"
+            )
+        self.tiers = list(tiers)
+        self.index = index
+        self.metrics = metrics
+        self.node = node
+        self._lock = threading.Lock()
+        self._in_flight: set[BlockKey] = set()
+        self._block_bytes: dict[str, int] = {}
+        for name, tier in self.tiers:
+            metrics.bind_gauge(metrics.tier_capacity.labels(name), lambda t=tier: t.usage().capacity_bytes)
+            metrics.bind_gauge(metrics.tier_used.labels(name), lambda t=tier: t.usage().used_bytes)
+            metrics.bind_gauge(metrics.tier_blocks.labels(name), lambda t=tier: t.usage().blocks)
+
+    @property
+    def top(self) -> tuple[str, Tier]:
+        return self.tiers[0]
+
+    # -- namespaces ---------------------------------------------------------------------------
+    def claim_block_size(self, namespace: str, block_bytes: int) -> None:
+        """Every context of a namespace must produce blocks of one size; the first one sets it."""
+        with self._lock:
+            known = self._block_bytes.setdefault(namespace, block_bytes)
+        if known != block_bytes:
+            raise InvalidArgument(
+                f"namespace {namespace!r} stores blocks of {known} bytes, but this layout gives {block_bytes}: "
+                "a namespace must fingerprint the KV layout (dtype, block size, heads, head size)"
+            )
+
+    # -- save ---------------------------------------------------------------------------------
+    def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill) -> SaveOutcome:
+        """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
+        block for ``keys[positions[i]]`` into ``views[i]``; nothing is visible before it returns."""
+        present = [bool(locs) for locs in self.index.lookup(keys)]
+        todo: list[int] = []
+        with self._lock:
+            for i, key in enumerate(keys):
+                if present[i] or key in self._in_flight:
+                    continue
+                self._in_flight.add(key)
+                todo.append(i)
+        already = len(keys) - len(todo)
+        try:
+            if not todo:
+                return SaveOutcome(0, already, 0)
+            name, top = self.top
+            todo_keys = [keys[i] for i in todo]
+            views = top.reserve(todo_keys, nbytes)
+            missing = [j for j, v in enumerate(views) if v is None]
+            if missing:
+                self.make_room(0, len(missing))
+                retry = top.reserve([todo_keys[j] for j in missing], nbytes)
+                for j, view in zip(missing, retry):
+                    views[j] = view
+            got = [j for j, v in enumerate(views) if v is not None]
+            got_keys = [todo_keys[j] for j in got]
+            try:
+                fill([todo[j] for j in got], [views[j] for j in got])
+            except BaseException:
+                top.abort(got_keys)
+                raise
+            top.commit(got_keys)
+            self.index.insert([(k, Location(name, self.node, nbytes)) for k in got_keys])
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(keys[i] for i in todo)
+        dropped = len(todo) - len(got)
+        self.metrics.bytes.labels(name, "save").inc(nbytes * len(got))
+        self.metrics.blocks.labels(name, "save").inc(len(got))
+        self.metrics.deduplicated.inc(already)
+        if dropped:
+            self.metrics.dropped.inc(dropped)
+        return SaveOutcome(len(got), already, dropped)
+
+    def make_room(self, level: int, count: int) -> int:
+        """Evict up to ``count`` LRU unpinned blocks from tier ``level``, spilling them to the
+        tier below when there is one. Return how many were evicted."""
+        name, tier = self.tiers[level]
+        victims = self.index.victims(name, count, self.node)
+        if not victims:
+            return 0
+        if level + 1 < len(self.tiers):
+            self._spill(level, victims)
+        tier.evict(victims)
+        self.index.remove(victims, tier=name, node=self.node)
+        self.metrics.evictions.labels(name).inc(len(victims))
+        return len(victims)
+
+    def _spill(self, level: int, keys: list[BlockKey]) -> None:
+        name, tier = self.tiers[level]
+        lower_name, lower = self.tiers[level + 1]
+        locations = self.index.lookup(keys)
+        todo = [(k, locs) for k, locs in zip(keys, locations) if not any(l.tier == lower_name for l in locs)]
+        if not todo:
+            return
+        views = tier.view([k for k, _ in todo])
+        batch = [(k, locs, v) for (k, locs), v in zip(todo, views) if v is not None]
+        try:
+            stored = lower.put([k for k, _, _ in batch], [v for _, _, v in batch])
+        except PegaflowError as exc:
+            log.warning("spill from %s to %s failed: %s", name, lower_name, exc)
+            return
+        entries = []
+        for (key, locs, view), ok in zip(batch, stored):
+            if ok:
+                entries.append((key, Location(lower_name, self.node, len(view), _checksum_of(locs))))
+        self.index.insert(entries)
+        moved = sum(len(v) for (_, _, v), ok in zip(batch, stored) if ok)
+        self.metrics.bytes.labels(lower_name, "spill").inc(moved)
+
+    # -- load ---------------------------------------------------------------------------------
+    def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str) -> Lease:
+        lease = self.index.acquire(keys, ttl_s, owner)
+        self.metrics.query_blocks.labels("hit").inc(lease.hits)
+        self.metrics.query_blocks.labels("miss").inc(len(keys) - lease.hits)
+        return lease
+
+    def read_views(self, keys: Sequence[BlockKey], nbytes: int) -> list[memoryview | None]:
+        """Views of leased blocks in the top tier, promoting those held only lower down.
+        ``None`` marks a block that cannot be served (the engine recomputes it)."""
+        name, top = self.top
+        views = top.view(keys)
+        lost = [i for i, v in enumerate(views) if v is None]
+        if lost and len(self.tiers) > 1:
+            for i, view in zip(lost, self._promote([keys[i] for i in lost], nbytes)):
+                views[i] = view
+        for i, view in enumerate(views):
+            if view is not None and len(view) != nbytes:
+                log.error("block %r is %d bytes in %s, the context expects %d", keys[i], len(view), name, nbytes)
+                views[i] = None
+        failed = sum(v is None for v in views)
+        if failed:
+            self.metrics.load_failures.labels("missing").inc(failed)
+        return views
+
+    def _promote(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
+        name, top = self.top
+        out: list[memoryview | None] = [None] * len(keys)
+        slots = top.reserve(keys, nbytes)
+        if any(s is None for s in slots):
+            self.make_room(0, sum(s is None for s in slots))
+            missing = [i for i, s in enumerate(slots) if s is None]
+            for i, slot in zip(missing, top.reserve([keys[i] for i in missing], nbytes)):
+                slots[i] = slot
+        pending = [i for i, s in enumerate(slots) if s is not None]
+        for lower_name, lower in self.tiers[1:]:
+            if not pending:
+                break
+            hits = lower.get_into([keys[i] for i in pending], [slots[i] for i in pending])
+            done = [i for i, ok in zip(pending, hits) if ok]
+            if done:
+                top.commit([keys[i] for i in done])
+                self.index.insert([(keys[i], Location(name, self.node, nbytes)) for i in done])
+                self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
+                for i in done:
+                    out[i] = top.view([keys[i]])[0]
+            pending = [i for i in pending if out[i] is None]
+        if pending:
+            top.abort([keys[i] for i in pending])
+        return out
+
+    def release(self, lease_id: str) -> bool:
+        return self.index.release(lease_id)
+
+    def close(self) -> None:
+        for name, tier in self.tiers:
+            try:
+                tier.close()
+            except Exception:
+                log.exception("closing tier %s failed", name)
+        self.index.close()
+
+
+def _checksum_of(locations: Sequence[Location]) -> int | None:
+    for location in locations:
+        if location.checksum is not None:
+            return location.checksum
+    return None

@@ -1,0 +1,111 @@
+"""Crash isolation: clients killed mid-operation, and the daemon itself restarting."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+from pegaflow_core.client import PegaflowClient
+from pegaflow_core.launcher import DaemonProcess, free_port
+from pegaflow_core.sim_engine import SimulatedEngine
+
+from daemon_helpers import SMALL, dram_config
+
+CLIENT = textwrap.dedent(
+    """
+    import random, sys, dataclasses
+    sys.path.insert(0, {tests!r})
+    from daemon_helpers import SMALL
+    from pegaflow_core.client import PegaflowClient
+    from pegaflow_core.sim_engine import SimulatedEngine, block_hashes
+    client = PegaflowClient({endpoint!r}, timeout_s=30)
+    engine = SimulatedEngine(client, dataclasses.replace(SMALL, num_blocks=512), model="crash", instance_id="victim")
+    def prompt(seed):
+        rng = random.Random(seed)
+        return [rng.randrange(32000) for _ in range(16 * 200)]
+    engine.prefill(prompt(0))
+    lease = client.query(engine.handle, block_hashes(prompt(0), 16))
+    print("READY", lease.hit_blocks, flush=True)
+    seed = 1
+    while {keep_saving}:
+        engine.prefill(prompt(seed))
+        print("SAVED", seed, flush=True)
+        seed += 1
+    sys.stdin.read()
+    """
+)
+
+
+def spawn_client(endpoint: str, keep_saving: bool) -> subprocess.Popen[str]:
+    code = CLIENT.format(tests=os.path.dirname(__file__), endpoint=endpoint, keep_saving=keep_saving)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("READY 200"), line
+    return proc
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_killed_client_frees_its_leases_and_contexts():
+    with DaemonProcess(dram_config("64mb")) as d, PegaflowClient(d.endpoint) as watcher:
+        proc = spawn_client(d.endpoint, keep_saving=False)
+        stats = watcher.stats()
+        assert stats.leases == 1 and stats.pinned_blocks == 200 and stats.contexts == 1
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: watcher.stats().leases == 0)
+        stats = watcher.stats()
+        assert stats.pinned_blocks == 0 and stats.contexts == 0 and stats.sessions == 1  # only the watcher
+
+
+def test_client_killed_mid_save_never_exposes_partial_blocks():
+    with DaemonProcess(dram_config("64mb")) as d, PegaflowClient(d.endpoint, timeout_s=30) as c:
+        proc = spawn_client(d.endpoint, keep_saving=True)
+        proc.stdout.readline()  # one full save done, the next is under way
+        time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        import dataclasses
+        import random
+
+        engine = SimulatedEngine(c, dataclasses.replace(SMALL, num_blocks=512), model="crash", instance_id="checker")
+        hits = 0
+        for seed in range(0, 6):
+            rng = random.Random(seed)
+            prompt = [rng.randrange(32000) for _ in range(16 * 200)]
+            hits += engine.prefill(prompt, verify=True).hit_blocks  # raises if any hit block is wrong
+        assert hits >= 200  # at least the acknowledged saves are there
+        assert c.health().status == "serving"
+        engine.close()
+
+
+def test_daemon_restart_clients_reregister_transparently(tmp_path):
+    port = free_port()
+    config = dram_config() + f"server: {{listen: '127.0.0.1:{port}'}}\n"
+    first = DaemonProcess(config, workdir=tmp_path).start()
+    client = PegaflowClient(first.endpoint, timeout_s=2)
+    engine = SimulatedEngine(client, SMALL, model="restart")
+    prompt = list(range(16 * 5))
+    engine.prefill(prompt)
+    old_id = engine.handle.context_id
+    first.kill()
+    assert engine.prefill(prompt).daemon_down  # a miss, not an error
+    second = DaemonProcess(config, workdir=tmp_path).start()
+    try:
+        wait_for(lambda: client.daemon_id and engine.handle.context_id != old_id)
+        cold = engine.prefill(prompt)
+        assert not cold.daemon_down and cold.hit_blocks == 0  # the new daemon starts empty (for now)
+        assert engine.prefill(prompt, verify=True).hit_blocks == 5
+    finally:
+        engine.close()
+        client.close()
+        second.close()
