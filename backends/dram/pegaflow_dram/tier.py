@@ -1,0 +1,450 @@
+"""DramTier: the host-memory tier, and the daemon's embedded default.
+
+Blocks live in slots of one pre-mapped shared-memory pool (``PoolFile``) handed out by a slab
+allocator (``SlabAllocator``). A global lock guards only metadata (the key -> slot maps and the
+allocator); every copy runs outside it, one ``np.copyto`` per block, which releases the GIL for
+large blocks so several daemon threads copy in parallel.
+
+Slot reuse is made safe by a reader count per slot: ``get_into`` counts itself in before it
+releases the lock, and an ``evict`` that finds readers only marks the slot dropped; the last reader
+frees it. ``view`` hands out memory without counting: its caller holds an index lease, which keeps
+the block from being chosen for eviction in the first place.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from pegaflow_core import (
+    Availability,
+    BlockKey,
+    CapacityError,
+    ClosedError,
+    ConfigError,
+    InvalidArgument,
+    MemoryKind,
+    Tier,
+    TierCapabilities,
+    TierUsage,
+    byte_view,
+)
+from pegaflow_core.buffers import Buffer
+from pegaflow_core.sizes import Size, format_size
+
+from . import numa, pinning
+from .pool import PAGE, SlabAllocator
+from .options import MIB, DramOptions, is_int, mem_available
+from .poolfile import PoolFile, filesystem_of
+
+log = logging.getLogger("pegaflow.dram")
+
+_AUTO_FRACTION = 4  # 'auto' capacity: a quarter of MemAvailable
+
+
+class _Slot:
+    """Where one block lives, and who is still reading it."""
+
+    __slots__ = ("offset", "nbytes", "readers", "dropped")
+
+    def __init__(self, offset: int, nbytes: int) -> None:
+        self.offset = offset
+        self.nbytes = nbytes
+        self.readers = 0
+        self.dropped = False  # evicted while read: the last reader frees it
+
+
+def _keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
+    if isinstance(keys, (str, bytes, BlockKey)):
+        raise InvalidArgument(f"{what}: expected a sequence of BlockKey, got a single {type(keys).__name__}")
+    out = list(keys)
+    for i, key in enumerate(out):
+        if not isinstance(key, BlockKey):
+            raise InvalidArgument(f"{what}[{i}]: expected a BlockKey, got {type(key).__name__}")
+    return out
+
+
+def _same_length(keys: list[BlockKey], buffers: Sequence[Buffer], what: str) -> None:
+    if len(keys) != len(buffers):
+        raise InvalidArgument(f"{what}: expected one buffer per key ({len(keys)}), got {len(buffers)}")
+
+
+class DramTier(Tier):
+    """Host-memory tier over one shared-memory pool; see the module docstring for the design."""
+
+    kind: ClassVar[str] = "dram"
+    Options: ClassVar[type] = DramOptions
+    capabilities: ClassVar[TierCapabilities] = TierCapabilities(
+        memory=frozenset({MemoryKind.HOST}), persistent=False, host_views=True
+    )
+
+    def __init__(self, options: DramOptions | None = None) -> None:
+        options = options if options is not None else DramOptions()
+        if not isinstance(options, DramOptions):
+            raise InvalidArgument(f"DramTier: expected DramTier.Options, got {type(options).__name__}")
+        self.options = options
+        chunks = self._chunks(options)
+        node, numa_note = self._numa(options)
+        self._pool = PoolFile.open(
+            options.shm_dir,
+            options.pool_name,
+            options.chunk,
+            chunks,
+            hugepages=options.hugepages,
+            populate=options.populate,
+            numa_node=node,
+            numa_strict=options.numa != "auto",
+        )
+        self._pinned: pinning.Pinned | None = None
+        try:
+            pin_note = self._pin(options.pin)
+        except BaseException:
+            self._pool.close()
+            raise
+        if self._pinned is not None:
+            # An instance attribute shadows the class default: only this pool is pinned.
+            self.capabilities = TierCapabilities(
+                memory=frozenset({MemoryKind.HOST, MemoryKind.PINNED_HOST}), persistent=False, host_views=True
+            )
+        self._alloc = SlabAllocator(options.chunk, chunks)
+        self._array: np.ndarray = self._pool.array
+        self._data: memoryview = self._pool.data
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._stored: dict[BlockKey, _Slot] = {}
+        self._reserved: dict[BlockKey, _Slot] = {}
+        self._used_bytes = 0
+        self._copying = 0  # operations copying outside the lock; close waits for them
+        self._closed = False
+        log.info(
+            "dram tier: %s in %s (%d chunks of %s; %s; %s%s)",
+            format_size(chunks * options.chunk),
+            self._pool.path,
+            chunks,
+            format_size(options.chunk),
+            pin_note,
+            numa_note,
+            f"; {self._pool.detail}" if self._pool.detail else "",
+        )
+
+    # -- construction helpers -----------------------------------------------------------------
+    @staticmethod
+    def _chunks(options: DramOptions) -> int:
+        if options.capacity == "auto":
+            capacity = mem_available() // _AUTO_FRACTION
+            where = f"'auto' (a quarter of MemAvailable, {format_size(capacity)})"
+        else:
+            capacity = options.capacity
+            where = f"{capacity} bytes ({format_size(capacity)})"
+        chunks = capacity // options.chunk
+        if chunks < 1:
+            raise ConfigError(
+                f"capacity {where} is smaller than one chunk of {options.chunk} bytes "
+                f"({format_size(options.chunk)}); raise capacity or lower chunk",
+                path="capacity",
+            )
+        return chunks
+
+    @staticmethod
+    def _numa(options: DramOptions) -> tuple[int | None, str]:
+        try:
+            return numa.resolve(options.numa, options.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc).removeprefix("numa: "), path="numa") from None
+
+    def _pin(self, mode: str) -> str:
+        if mode == "never":
+            return "pinning: off"
+        if mode == "auto" and not pinning.gpu_present():
+            return "pinning: no GPU"
+        try:
+            self._pinned = pinning.pin(self._pool.address, self._pool.geometry.data_bytes)
+        except RuntimeError as exc:
+            fstype = filesystem_of(self._pool.path.parent)
+            if fstype not in ("tmpfs", "hugetlbfs"):
+                # CUDA registers shared file mappings only from memory filesystems.
+                exc = RuntimeError(f"{exc} (the pool file is on {fstype or 'an unknown filesystem'}; "
+                                   "pinning needs shm_dir on a tmpfs such as /dev/shm, or on hugetlbfs)")
+            if mode == "always":
+                raise ConfigError(f"'always' but the pool cannot be pinned: {exc}", path="pin") from exc
+            log.info("dram tier: pool not pinned (%s); GPU copies will be staged by the driver", exc)
+            return f"pinning: failed ({exc})"
+        return f"pinned via {self._pinned.via}"
+
+    # -- Backend hooks ------------------------------------------------------------------------
+    @classmethod
+    def availability(cls) -> Availability:
+        default = Path(DramOptions.shm_dir)
+        if not default.is_dir():
+            return Availability(True, f"{default} is missing: set shm_dir; {pinning.runtime_hint()}")
+        nodes = numa.online_nodes()
+        numa_note = "one NUMA node" if len(nodes) < 2 else f"{len(nodes)} NUMA nodes"
+        return Availability(True, f"shared memory ({default}); {pinning.runtime_hint()}; {numa_note}")
+
+    @classmethod
+    def conformance_options(cls, tmp_path: Path, capacity_bytes: int | None = None) -> DramOptions:
+        capacity = capacity_bytes if capacity_bytes is not None else 64 * MIB
+        chunk = min(MIB, max(PAGE, capacity // PAGE * PAGE))
+        return DramOptions(capacity=Size(max(capacity, chunk)), chunk=Size(chunk), shm_dir=str(tmp_path), numa=None)
+
+    # -- Tier: required -----------------------------------------------------------------------
+    def put(self, keys: Sequence[BlockKey], blocks: Sequence[Buffer]) -> list[bool]:
+        keys = _keys(keys)
+        _same_length(keys, blocks, "blocks")
+        sources = [byte_view(block, what=f"blocks[{i}]") for i, block in enumerate(blocks)]
+        for i, view in enumerate(sources):
+            self._check_fits(len(view), f"blocks[{i}]")
+        results = [False] * len(keys)
+        first: dict[BlockKey, int] = {}
+        writing: list[tuple[int, _Slot]] = []
+        with self._lock:
+            self._check_open()
+            by_size: dict[int, list[int]] = {}
+            for i, key in enumerate(keys):
+                if key in first:
+                    continue
+                first[key] = i
+                if key in self._stored:
+                    results[i] = True
+                else:
+                    by_size.setdefault(len(sources[i]), []).append(i)
+            for nbytes, positions in by_size.items():
+                offsets = self._alloc.alloc(nbytes, len(positions))
+                writing.extend((i, _Slot(off, nbytes)) for i, off in zip(positions, offsets))
+            if writing:
+                self._copying += 1
+        if writing:
+            self._copy_in(writing, sources, keys, results)
+        for i, key in enumerate(keys):
+            results[i] = results[first[key]]
+        return results
+
+    def _copy_in(self, writing: list[tuple[int, _Slot]], sources: list[memoryview], keys: list[BlockKey], results: list[bool]) -> None:
+        """Copy outside the lock, then publish. A key someone else stored meanwhile keeps theirs."""
+        array = self._array
+        try:
+            for i, slot in writing:
+                np.copyto(array[slot.offset : slot.offset + slot.nbytes], np.frombuffer(sources[i], dtype=np.uint8))
+        except BaseException:
+            with self._lock:
+                for _, slot in writing:
+                    self._alloc.free(slot.offset)
+                self._done_copying()
+            raise
+        with self._lock:
+            for i, slot in writing:
+                if keys[i] in self._stored:
+                    self._alloc.free(slot.offset)
+                else:
+                    self._stored[keys[i]] = slot
+                    self._used_bytes += slot.nbytes
+                results[i] = True
+            self._done_copying()
+
+    def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
+        keys = _keys(keys)
+        _same_length(keys, dests, "dests")
+        targets = [byte_view(dest, writable=True, what=f"dests[{i}]") for i, dest in enumerate(dests)]
+        reading: list[tuple[int, _Slot]] = []
+        with self._lock:
+            self._check_open()
+            for i, key in enumerate(keys):
+                slot = self._stored.get(key)
+                if slot is None:
+                    continue
+                if slot.nbytes != len(targets[i]):
+                    raise InvalidArgument(
+                        f"dests[{i}]: block {key!r} is {slot.nbytes} bytes, the destination is {len(targets[i])} bytes"
+                    )
+                reading.append((i, slot))
+            for _, slot in reading:
+                slot.readers += 1
+            if reading:
+                self._copying += 1
+        results = [False] * len(keys)
+        array = self._array
+        try:
+            for i, slot in reading:
+                np.copyto(np.frombuffer(targets[i], dtype=np.uint8), array[slot.offset : slot.offset + slot.nbytes])
+                results[i] = True
+        finally:
+            if reading:
+                with self._lock:
+                    for _, slot in reading:
+                        slot.readers -= 1
+                        if slot.dropped and slot.readers == 0:
+                            self._alloc.free(slot.offset)
+                    self._done_copying()
+        return results
+
+    def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        keys = _keys(keys)
+        with self._lock:
+            self._check_open()
+            return [key in self._stored for key in keys]
+
+    def evict(self, keys: Sequence[BlockKey]) -> int:
+        keys = _keys(keys)
+        dropped = 0
+        with self._lock:
+            self._check_open()
+            for key in keys:
+                slot = self._stored.pop(key, None)
+                if slot is None:
+                    continue
+                dropped += 1
+                self._used_bytes -= slot.nbytes
+                if slot.readers:
+                    slot.dropped = True  # the last get_into still copying frees it
+                else:
+                    self._alloc.free(slot.offset)
+        return dropped
+
+    def usage(self) -> TierUsage:
+        with self._lock:
+            self._check_open()
+            return TierUsage(self._alloc.chunks * self._alloc.chunk_bytes, self._used_bytes, len(self._stored))
+
+    def close(self) -> None:
+        """Wait for copies in flight, unpin and unmap the pool; unlink it unless it is named.
+
+        Idempotent. Views handed out by ``view``/``reserve``/``buffer`` that are still held keep
+        the mapping alive until released; the pool file is unlinked (unnamed) at once regardless.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            while self._copying:
+                self._idle.wait()
+            self._stored.clear()
+            self._reserved.clear()
+        if self._pinned is not None:
+            try:
+                self._pinned.release()
+            except Exception:
+                log.exception("dram tier: cudaHostUnregister failed")
+            self._pinned = None
+        self._array = np.empty(0, dtype=np.uint8)
+        try:
+            self._data.release()
+        except BufferError:
+            pass  # slices handed out still refer to it; PoolFile.close says so in the log
+        self._pool.close()
+
+    # -- Tier: host views ---------------------------------------------------------------------
+    def reserve(self, keys: Sequence[BlockKey], nbytes: int) -> list[memoryview | None]:
+        """Writable slots of ``nbytes`` each, invisible until ``commit``; ``None`` where full.
+
+        A key may have one reservation at a time (a second one raises InvalidArgument). Reserving
+        a key that is already stored is allowed; at ``commit`` the stored block is kept."""
+        keys = _keys(keys)
+        if not is_int(nbytes):
+            raise InvalidArgument(f"nbytes: expected an integer byte count, got {nbytes!r}")
+        self._check_fits(nbytes, "nbytes")
+        if len(set(keys)) != len(keys):
+            raise InvalidArgument("keys: expected distinct keys in one reserve() call, got duplicates")
+        with self._lock:
+            self._check_open()
+            for i, key in enumerate(keys):
+                if key in self._reserved:
+                    raise InvalidArgument(f"keys[{i}]: {key!r} is already reserved; commit or abort it first")
+            offsets = self._alloc.alloc(nbytes, len(keys))
+            out: list[memoryview | None] = [None] * len(keys)
+            for i, offset in enumerate(offsets):
+                self._reserved[keys[i]] = _Slot(offset, nbytes)
+                out[i] = self._data[offset : offset + nbytes]
+            return out
+
+    def commit(self, keys: Sequence[BlockKey]) -> None:
+        """Make reserved blocks visible. A key not reserved raises InvalidArgument, committing none."""
+        keys = _keys(keys)
+        with self._lock:
+            self._check_open()
+            for i, key in enumerate(keys):
+                if key not in self._reserved:
+                    raise InvalidArgument(f"keys[{i}]: {key!r} has no reservation to commit (reserve it first)")
+            for key in keys:
+                slot = self._reserved.pop(key, None)
+                if slot is None:  # the same key twice in this batch
+                    continue
+                if key in self._stored:
+                    self._alloc.free(slot.offset)
+                else:
+                    self._stored[key] = slot
+                    self._used_bytes += slot.nbytes
+
+    def abort(self, keys: Sequence[BlockKey]) -> None:
+        """Give reserved slots back; keys without a reservation are ignored (abort is cleanup)."""
+        keys = _keys(keys)
+        with self._lock:
+            self._check_open()
+            for key in keys:
+                slot = self._reserved.pop(key, None)
+                if slot is not None:
+                    self._alloc.free(slot.offset)
+
+    def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
+        """Read-only views of stored blocks, valid while the caller's lease keeps them stored."""
+        keys = _keys(keys)
+        with self._lock:
+            self._check_open()
+            out: list[memoryview | None] = []
+            for key in keys:
+                slot = self._stored.get(key)
+                out.append(None if slot is None else self._data[slot.offset : slot.offset + slot.nbytes].toreadonly())
+            return out
+
+    # -- pool access for transports --------------------------------------------------------------
+    def buffer(self) -> memoryview:
+        """The whole pool's data region, writable. Transports (RDMA, UCX) and the daemon's GPU
+        copier register it once and address blocks by the offsets ``locate`` gives."""
+        with self._lock:
+            self._check_open()
+            return self._data
+
+    def locate(self, keys: Sequence[BlockKey]) -> list[tuple[int, int] | None]:
+        """``(offset, nbytes)`` in ``buffer()`` of each stored block, ``None`` for a miss. Like a
+        ``view``, the location stays valid only while a lease keeps the block from eviction."""
+        keys = _keys(keys)
+        with self._lock:
+            self._check_open()
+            out: list[tuple[int, int] | None] = []
+            for key in keys:
+                slot = self._stored.get(key)
+                out.append(None if slot is None else (slot.offset, slot.nbytes))
+            return out
+
+    @property
+    def pool_path(self) -> Path:
+        """The pool file (``<shm_dir>/pegaflow-<name>.pool``)."""
+        return self._pool.path
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned is not None
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"dram tier over {self._pool.path} is closed")
+
+    def _check_fits(self, nbytes: int, what: str) -> None:
+        """InvalidArgument for an empty block, CapacityError for one larger than a chunk; both
+        name the argument, so a caller knows which block of a batch was wrong."""
+        if nbytes <= 0:
+            raise InvalidArgument(f"{what}: expected a block of at least 1 byte, got {nbytes} bytes")
+        try:
+            self._alloc.check_fits(nbytes)
+        except CapacityError as exc:
+            raise CapacityError(f"{what}: {exc}") from None
+
+    def _done_copying(self) -> None:
+        self._copying -= 1
+        if self._copying == 0:
+            self._idle.notify_all()
