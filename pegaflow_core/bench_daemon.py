@@ -51,9 +51,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     baseline = memcpy_gbps(nbytes)
     config = f"tiers: [{{kind: dram, capacity: {pool}}}]\nindex: {{kind: local}}\n"
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
-        engine = SimulatedEngine(client, shape, fill=False)
+        engine = SimulatedEngine(client, shape, fill=False, memory=args.memory)
         try:
-            engine.cache.region.array[:] = 7  # fault every page in before timing
+            engine.cache.array[:] = 7  # fault every page in before timing
             save_s, load_s, hashes = [], [], []
             for it in range(args.iterations):
                 keys = [f"bench-{it}-{i}".encode().ljust(32, b".") for i in range(blocks)]
@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_gbps = nbytes / statistics.median(load_s) / 1e9
     return {
         "bench": "daemon",
-        "description": f"{args.tokens}-token prompt, {blocks} blocks x {shape.block_bytes >> 10} KiB = {nbytes / 1e9:.2f} GB per step",
+        "description": f"{args.tokens}-token prompt, {blocks} blocks x {shape.block_bytes >> 10} KiB = {nbytes / 1e9:.2f} GB "
+        f"per step, engine KV in {'a shared-memory file' if args.memory == 'shm' else 'private memory (cross-memory attach)'}",
         "figures": {
             "save_gbps": save_gbps,
             "load_gbps": load_gbps,

@@ -32,13 +32,17 @@ _CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_se
 
 @dataclass(frozen=True)
 class RegionSpec:
-    """KV memory the daemon maps: a shared-memory file (CPU) or a CUDA IPC handle (GPU)."""
+    """KV memory the daemon reaches: a shared-memory file (``kind="shm"``, ``path``), memory of
+    the engine process itself (``kind="cma"``, ``pid`` + ``address``: any CPU tensor) or GPU
+    memory (``kind="cuda_ipc"``, ``handle``)."""
 
     nbytes: int
     path: str = ""
     kind: str = "shm"
     handle: bytes = b""
     device: int = -1
+    pid: int = 0
+    address: int = 0
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,8 @@ def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRe
         session_id=session_id, instance_id=spec.instance_id, namespace=spec.namespace, shard=spec.shard,
         tp_rank=spec.tp_rank, tp_size=spec.tp_size, pp_rank=spec.pp_rank, pp_size=spec.pp_size,
         device=spec.device, num_blocks=spec.num_blocks, num_layers=spec.num_layers,
-        regions=[pb.MemoryRegion(kind=r.kind, path=r.path, handle=r.handle, nbytes=r.nbytes, device=r.device) for r in spec.regions],
+        regions=[pb.MemoryRegion(kind=r.kind, path=r.path, handle=r.handle, nbytes=r.nbytes, device=r.device,
+                                 pid=r.pid, address=r.address) for r in spec.regions],
         planes=[pb.Plane(layer=p.layer, region=p.region, offset=p.offset, block_stride=p.block_stride, block_bytes=p.block_bytes) for p in spec.planes],
     )
 
@@ -232,6 +237,10 @@ class PegaflowClient:
                 time.sleep(0.05)
 
     def register_context(self, spec: ContextSpec) -> ContextHandle:
+        if any(r.kind == "cma" for r in spec.regions):
+            from .cma import allow_daemon_access
+
+            allow_daemon_access()
         handle = ContextHandle(spec)
         self._register(handle)
         with self._lock:

@@ -49,7 +49,12 @@ T = TypeVar("T")
 # -- field checks used by ServerConfig (and available to backends) ------------------------------
 
 def check_host_port(value: str) -> None:
-    """Raise ValueError unless ``value`` is ``host:port`` (IPv6 hosts in brackets)."""
+    """Raise ValueError unless ``value`` is ``host:port`` (IPv6 hosts in brackets) or
+    ``unix:///absolute/path`` (a Unix socket: the lowest-latency choice on one machine)."""
+    if value.startswith("unix:"):
+        if not value.startswith("unix:///") or len(value) <= len("unix:///"):
+            raise ValueError(f"expected a Unix socket as 'unix:///absolute/path', got {value!r}")
+        return
     host, sep, port = value.rpartition(":")
     bracketed = host.startswith("[") and host.endswith("]")
     if (
@@ -60,7 +65,9 @@ def check_host_port(value: str) -> None:
         or (":" in host and not bracketed)
         or host.startswith("[") != host.endswith("]")
     ):
-        raise ValueError(f"expected host:port like '127.0.0.1:50055' (IPv6 as '[::1]:50055'), got {value!r}")
+        raise ValueError(
+            f"expected host:port like '127.0.0.1:50055' (IPv6 as '[::1]:50055') or 'unix:///path', got {value!r}"
+        )
 
 
 def check_non_negative(value: int) -> None:

@@ -7,14 +7,34 @@ import itertools
 import secrets
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from .errors import InvalidArgument, NotFound
 from .keys import BlockKey
 from .layout import KVLayout
 from .shm import SharedRegion
+
+
+@dataclass
+class EngineRegion:
+    """One registered piece of engine KV memory, as the copier reaches it: ``base`` is an address
+    in this process (``pid == 0``: a mapped shared-memory file) or in the engine process ``pid``
+    (cross-memory attach)."""
+
+    kind: str
+    nbytes: int
+    base: int
+    pid: int = 0
+    shm: SharedRegion | None = None
+
+    @classmethod
+    def mapped(cls, shm: SharedRegion) -> EngineRegion:
+        return cls("shm", shm.nbytes, shm.array.__array_interface__["data"][0], 0, shm)
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
 
 
 @dataclass
@@ -25,27 +45,19 @@ class EngineContext:
     namespace: str
     shard: int
     layout: KVLayout
-    regions: list[SharedRegion]
+    regions: list[EngineRegion]
     device: int = -1
     tp_rank: int = 0
     tp_size: int = 1
-    arrays: list[np.ndarray] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.arrays = [r.array for r in self.regions]
 
     @property
     def block_bytes(self) -> int:
         return self.layout.block_bytes
 
     def keys(self, block_hashes: Sequence[bytes]) -> list[BlockKey]:
-        try:
-            return [BlockKey(self.namespace, h, self.shard) for h in block_hashes]
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"block_hashes: {exc}") from None
+        return BlockKey.many(self.namespace, block_hashes, self.shard)
 
     def close(self) -> None:
-        self.arrays = []
         for region in self.regions:
             region.close()
 

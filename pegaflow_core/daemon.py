@@ -25,7 +25,8 @@ from . import __version__
 from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .config import DaemonConfig
-from .contexts import ContextTable, EngineContext
+from . import cma
+from .contexts import ContextTable, EngineContext, EngineRegion
 from .copier import HostCopier
 from .errors import CapacityError, InvalidArgument, NotFound, PegaflowError
 from .index import Lease
@@ -166,19 +167,29 @@ class Servicer(pb_grpc.PegaflowServicer):
         return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes, daemon_id=self.daemon_id)
 
     @staticmethod
-    def _map_regions(regions: list[pb.MemoryRegion]) -> list[SharedRegion]:
-        mapped: list[SharedRegion] = []
+    def _map_regions(regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
+        kinds = {r.kind for r in regions}
+        if len(kinds) > 1:
+            raise InvalidArgument(f"regions: every region of a context must be of one kind, got {sorted(kinds)}")
+        mapped: list[EngineRegion] = []
         try:
             for i, region in enumerate(regions):
-                if region.kind != "shm":
+                if region.kind == "shm":
+                    mapped.append(EngineRegion.mapped(SharedRegion.attach(region.path, region.nbytes)))
+                elif region.kind == "cma":
+                    try:
+                        cma.check_access(region.pid, region.address, region.nbytes)
+                    except InvalidArgument as exc:
+                        raise InvalidArgument(f"regions[{i}]: {exc}") from None
+                    mapped.append(EngineRegion("cma", region.nbytes, region.address, region.pid))
+                else:
                     raise InvalidArgument(
-                        f"regions[{i}].kind {region.kind!r} is not served by this daemon (host-memory daemons map 'shm'; "
-                        "'cuda_ipc' needs the GPU data path)"
+                        f"regions[{i}].kind {region.kind!r} is not served by this daemon: host-memory daemons take "
+                        "'shm' and 'cma'; 'cuda_ipc' needs the GPU data path"
                     )
-                mapped.append(SharedRegion.attach(region.path, region.nbytes))
         except BaseException:
-            for region in mapped:
-                region.close()
+            for engine_region in mapped:
+                engine_region.close()
             raise
         return mapped
 
@@ -198,7 +209,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         keys = ctx.keys(request.block_hashes)
 
         def fill(positions: list[int], views: list[memoryview]) -> None:
-            self.copier.gather(ctx.layout, ctx.arrays, [block_ids[p] for p in positions], views)
+            self.copier.gather(ctx.layout, ctx.regions, [block_ids[p] for p in positions], views)
 
         start = time.perf_counter()
         outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill)
@@ -233,7 +244,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         def run() -> list[int]:
             views = self.stack.read_views(keys, ctx.block_bytes)
             failed = [b for b, v in zip(block_ids, views) if v is None]
-            self.copier.scatter(ctx.layout, ctx.arrays, block_ids, views,
+            self.copier.scatter(ctx.layout, ctx.regions, block_ids, views,
                                 on_layer=lambda done: loop.call_soon_threadsafe(progress.put_nowait, done))
             loaded = len(block_ids) - len(failed)
             self.metrics.bytes.labels(self.stack.top[0], "load").inc(loaded * ctx.block_bytes)

@@ -30,3 +30,8 @@ def register_indexes(register: Register) -> None:
 @hookspec
 def register_connectors(register: Register) -> None:
     """Register engine connector descriptors (vllm, sglang) so `pegaflow backends` lists them."""
+
+
+@hookspec
+def register_benchmarks(register: Register) -> None:
+    """Register benchmark classes for `pegaflow bench <kind>` (see commands/bench.py)."""

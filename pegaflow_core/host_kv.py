@@ -7,6 +7,7 @@ Used by the simulated engine, the benchmarks, tests and CPU connectors: the engi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,14 +50,21 @@ class KVShape:
 
 
 class HostKVCache:
-    """Owns the shared-memory region; ``close()`` unmaps and unlinks it."""
+    """A KV cache in host memory: a shared-memory file the daemon maps (``memory="shm"``) or
+    private memory of this process that the daemon reaches by cross-memory attach
+    (``memory="cma"``, like a CPU engine's own torch tensors). ``close()`` releases it."""
 
-    def __init__(self, shape: KVShape) -> None:
+    def __init__(self, shape: KVShape, memory: str = "shm") -> None:
+        if memory not in ("shm", "cma"):
+            raise ValueError(f"memory must be 'shm' or 'cma', got {memory!r}")
         self.shape = shape
-        self.region = SharedRegion.create(shape.num_layers * shape.layer_bytes)
+        self.memory = memory
+        nbytes = shape.num_layers * shape.layer_bytes
+        self.region = SharedRegion.create(nbytes) if memory == "shm" else None
+        self.array = self.region.array if self.region is not None else np.zeros(nbytes, dtype=np.uint8)
         word = np.uint16 if shape.itemsize == 2 else np.dtype(shape.dtype)
         self._layers = [
-            self.region.array[l * shape.layer_bytes : (l + 1) * shape.layer_bytes]
+            self.array[l * shape.layer_bytes : (l + 1) * shape.layer_bytes]
             .view(word)
             .reshape(2, shape.num_blocks, shape.block_size, shape.num_kv_heads, shape.head_size)
             for l in range(shape.num_layers)
@@ -83,13 +91,20 @@ class HostKVCache:
             for kv in range(2)
         )
 
+    def region_spec(self) -> RegionSpec:
+        if self.region is not None:
+            return RegionSpec(nbytes=self.region.nbytes, path=str(self.region.path))
+        return RegionSpec(nbytes=self.array.nbytes, kind="cma", pid=os.getpid(), address=self.array.ctypes.data)
+
     def context_spec(self, namespace: str, instance_id: str = "", shard: int = 0, tp_rank: int = 0, tp_size: int = 1) -> ContextSpec:
         return ContextSpec(
             namespace=namespace, num_blocks=self.shape.num_blocks,
-            regions=(RegionSpec(nbytes=self.region.nbytes, path=str(self.region.path)),),
+            regions=(self.region_spec(),),
             planes=self.planes(), instance_id=instance_id, shard=shard, tp_rank=tp_rank, tp_size=tp_size,
         )
 
     def close(self) -> None:
         self._layers = []
-        self.region.close()
+        self.array = np.empty(0, dtype=np.uint8)
+        if self.region is not None:
+            self.region.close()

@@ -2,43 +2,59 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from itertools import repeat
+from typing import NamedTuple
 
 from .errors import InvalidArgument
 
 MAX_HASH_BYTES = 64
 
 
-@dataclass(frozen=True, slots=True)
-class BlockKey:
+class _BlockKeyFields(NamedTuple):
+    namespace: str
+    block_hash: bytes
+    shard: int = 0
+
+
+class BlockKey(_BlockKeyFields):
     """One KV block.
 
     ``namespace`` fingerprints the model and the KV layout, so engines with a different layout
     never share bytes. ``block_hash`` is the engine's prefix-chain hash of the block (it already
     covers every earlier token). ``shard`` is the TP rank / KV-head shard; caches that are identical
     on every rank (MLA) use shard 0 for all ranks and are stored once.
+
+    A tuple underneath: hashing and equality run in C, which matters because every index and tier
+    operation is a dict operation on thousands of keys per engine step.
     """
 
-    namespace: str
-    block_hash: bytes
-    shard: int = 0
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if not isinstance(self.namespace, str) or not self.namespace:
-            raise InvalidArgument(f"BlockKey.namespace: expected a non-empty string, got {self.namespace!r}")
-        if not isinstance(self.block_hash, bytes) or not 0 < len(self.block_hash) <= MAX_HASH_BYTES:
-            raise InvalidArgument(
-                f"BlockKey.block_hash: expected 1..{MAX_HASH_BYTES} bytes, got {self.block_hash!r:.80}"
-            )
-        if not isinstance(self.shard, int) or isinstance(self.shard, bool) or self.shard < 0:
-            raise InvalidArgument(f"BlockKey.shard: expected an integer >= 0, got {self.shard!r}")
+    def __new__(cls, namespace: str, block_hash: bytes, shard: int = 0) -> BlockKey:
+        _check_namespace(namespace)
+        _check_shard(shard)
+        _check_hash(block_hash, "BlockKey.block_hash")
+        return tuple.__new__(cls, (namespace, block_hash, shard))
+
+    @classmethod
+    def many(cls, namespace: str, block_hashes: Iterable[bytes], shard: int = 0) -> list[BlockKey]:
+        """Keys of one namespace and shard, validated once per batch (the daemon's hot path)."""
+        _check_namespace(namespace)
+        _check_shard(shard)
+        hashes = block_hashes if isinstance(block_hashes, (list, tuple)) else list(block_hashes)
+        if not hashes:
+            return []
+        # Validate and build with C-level iteration only: this runs for every Query and Save.
+        if set(map(type, hashes)) != {bytes} or min(map(len, hashes)) == 0 or max(map(len, hashes)) > MAX_HASH_BYTES:
+            for i, block_hash in enumerate(hashes):
+                _check_hash(block_hash, f"block_hashes[{i}]")
+        return list(map(tuple.__new__, repeat(cls), zip(repeat(namespace), hashes, repeat(shard))))
 
     def encode(self) -> bytes:
         """Stable byte form, used as a key by persistent tiers and remote indexes."""
         ns = self.namespace.encode()
-        return (
-            len(ns).to_bytes(2, "little") + ns + self.shard.to_bytes(4, "little") + self.block_hash
-        )
+        return len(ns).to_bytes(2, "little") + ns + self.shard.to_bytes(4, "little") + self.block_hash
 
     @classmethod
     def decode(cls, data: bytes) -> BlockKey:
@@ -49,3 +65,18 @@ class BlockKey:
 
     def __repr__(self) -> str:
         return f"BlockKey({self.namespace!r}, {self.block_hash.hex()[:16]}, shard={self.shard})"
+
+
+def _check_namespace(namespace: object) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidArgument(f"BlockKey.namespace: expected a non-empty string, got {namespace!r}")
+
+
+def _check_shard(shard: object) -> None:
+    if not isinstance(shard, int) or isinstance(shard, bool) or shard < 0:
+        raise InvalidArgument(f"BlockKey.shard: expected an integer >= 0, got {shard!r}")
+
+
+def _check_hash(block_hash: object, where: str) -> None:
+    if not isinstance(block_hash, bytes) or not 0 < len(block_hash) <= MAX_HASH_BYTES:
+        raise InvalidArgument(f"{where}: expected 1..{MAX_HASH_BYTES} bytes, got {block_hash!r:.80}")

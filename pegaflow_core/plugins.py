@@ -24,14 +24,19 @@ from .errors import PluginError
 log = logging.getLogger("pegaflow.plugins")
 
 ENTRY_POINT_GROUP = "pegaflow"
-ROLES = ("tier", "transport", "index", "connector")
+ROLES = ("tier", "transport", "index", "connector", "benchmark")
 _HOOKS = {
     "tier": "register_tiers",
     "transport": "register_transports",
     "index": "register_indexes",
     "connector": "register_connectors",
+    "benchmark": "register_benchmarks",
 }
-BUILTIN_PLUGINS = ("pegaflow_core.default_plugins.local_index", "pegaflow_core.default_plugins.loopback")
+BUILTIN_PLUGINS = (
+    "pegaflow_core.default_plugins.local_index",
+    "pegaflow_core.default_plugins.loopback",
+    "pegaflow_core.default_plugins.benchmarks",
+)
 
 
 @dataclass(frozen=True)

@@ -74,10 +74,13 @@ class PrefillStats:
 
 
 class SimulatedEngine:
-    def __init__(self, client: PegaflowClient, shape: KVShape, model: str = "llama-3.1-8b", instance_id: str = "sim-0", fill: bool = True) -> None:
+    def __init__(
+        self, client: PegaflowClient, shape: KVShape, model: str = "llama-3.1-8b", instance_id: str = "sim-0",
+        fill: bool = True, memory: str = "shm",
+    ) -> None:
         self.client = client
         self.shape = shape
-        self.cache = HostKVCache(shape)
+        self.cache = HostKVCache(shape, memory)
         self.fill = fill
         self.namespace = shape.namespace(model)
         self.handle = client.register_context(self.cache.context_spec(self.namespace, instance_id=instance_id))

@@ -178,6 +178,20 @@ class TierStack:
         return views
 
     def _promote(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
+        """Copy blocks held only in lower tiers into the top tier. A block another thread is
+        promoting right now is answered ``None`` (a miss for this load) rather than waited for."""
+        with self._lock:
+            mine = [k not in self._in_flight for k in keys]
+            self._in_flight.update(k for k, m in zip(keys, mine) if m)
+        try:
+            claimed = [k for k, m in zip(keys, mine) if m]
+            promoted = iter(self._promote_claimed(claimed, nbytes) if claimed else [])
+            return [next(promoted) if m else None for m in mine]
+        finally:
+            with self._lock:
+                self._in_flight.difference_update(k for k, m in zip(keys, mine) if m)
+
+    def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
         name, top = self.top
         out: list[memoryview | None] = [None] * len(keys)
         slots = top.reserve(keys, nbytes)

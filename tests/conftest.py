@@ -29,8 +29,9 @@ def client(daemon):
 def make_engine(client):
     engines = []
 
-    def make(shape: KVShape = SMALL, model: str = "tiny", instance_id: str = "e0", on: PegaflowClient | None = None, **changes):
-        engine = SimulatedEngine(on or client, dataclasses.replace(shape, **changes), model=model, instance_id=instance_id)
+    def make(shape: KVShape = SMALL, model: str = "tiny", instance_id: str = "e0", on: PegaflowClient | None = None,
+             memory: str = "shm", **changes):
+        engine = SimulatedEngine(on or client, dataclasses.replace(shape, **changes), model=model, instance_id=instance_id, memory=memory)
         engines.append(engine)
         return engine
 

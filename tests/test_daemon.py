@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
 import urllib.request
 
@@ -32,8 +33,9 @@ def test_health_and_stats(client):
     assert stats.tiers[0].kind == "dram" and stats.tiers[0].capacity_bytes == 16 << 20
 
 
-def test_cold_miss_then_warm_hit_with_exact_bytes(make_engine):
-    engine = make_engine(model="roundtrip")
+@pytest.mark.parametrize("memory", ["shm", "cma"])
+def test_cold_miss_then_warm_hit_with_exact_bytes(make_engine, memory):
+    engine = make_engine(model=f"roundtrip-{memory}", memory=memory)
     prompt = tokens(16 * 20 + 5, seed=1)  # 20 full blocks and a partial one
     cold = engine.prefill(prompt)
     assert (cold.blocks, cold.hit_blocks, cold.saved_blocks) == (20, 0, 20)
@@ -126,6 +128,25 @@ def test_bad_registrations(client, make_engine):
     gpu = ContextSpec("ns", 1, (RegionSpec(nbytes=1024, kind="cuda_ipc", handle=b"\0" * 64, device=0),), (Plane(0, 0, 0, 1024, 1024),))
     with pytest.raises(InvalidArgument, match="cuda_ipc"):
         client.register_context(gpu)
+
+
+def test_engines_with_shared_memory_and_private_memory_share_blocks(make_engine):
+    shm = make_engine(model="mixed", instance_id="shm", memory="shm")
+    private = make_engine(model="mixed", instance_id="cma", memory="cma")
+    prompt = tokens(16 * 9, seed=31)
+    private.prefill(prompt)
+    assert shm.prefill(prompt, verify=True).hit_blocks == 9
+    assert private.prefill(prompt, verify=True).hit_blocks == 9
+
+
+def test_bad_cma_registrations(client):
+    plane = (Plane(0, 0, 0, 4096, 4096),)
+    gone = ContextSpec("ns", 1, (RegionSpec(nbytes=4096, kind="cma", pid=2**22 - 3, address=0x10000),), plane)
+    with pytest.raises(InvalidArgument, match=r"regions\[0\]: cannot access 4096 bytes .* No such process"):
+        client.register_context(gone)
+    unmapped = ContextSpec("ns", 1, (RegionSpec(nbytes=4096, kind="cma", pid=os.getpid(), address=0x10000),), plane)
+    with pytest.raises(InvalidArgument, match="Bad address"):
+        client.register_context(unmapped)
 
 
 def test_lease_of_another_shard_cannot_be_loaded(client, make_engine):

@@ -1,5 +1,10 @@
-"""``pegaflow bench ...``: benchmarks that print their figures next to a baseline measured in the
-same run (``--json`` prints one JSON object: figures, baseline, ratios)."""
+"""``pegaflow bench <kind>``: benchmarks that print their figures next to a baseline measured in
+the same run. ``--json`` prints one JSON object: figures, baseline, ratios, machine.
+
+Benchmarks are plugins (hook ``register_benchmarks``): a class with ``kind``, ``help``,
+``add_arguments(parser)`` and ``run(args) -> dict`` with keys ``bench``, ``description``,
+``figures``, ``baseline`` and ``ratios``. Each backend ships the benchmark of its own speed target.
+"""
 
 from __future__ import annotations
 
@@ -10,42 +15,26 @@ import platform
 from collections.abc import Callable
 from typing import Any
 
-BENCHES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], str]] = {
-    # name: (help, add_arguments, "module:function" run lazily)
-}
-
-
-def _daemon_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", type=int, default=10_000, help="prompt length (default %(default)s)")
-    p.add_argument("--iterations", type=int, default=5, help="timed saves and loads (default %(default)s)")
-    p.add_argument("--control-rounds", type=int, default=50, help="control-plane RPCs timed for p50/p99")
-    p.add_argument("--pool-size", default="4gb", help="daemon DRAM tier capacity (default %(default)s)")
-
-
-BENCHES["daemon"] = (
-    "simulated Llama-3.1-8B engine saving and loading a prompt's KV through a real daemon, vs memcpy",
-    _daemon_args,
-    "pegaflow_core.bench_daemon:run",
-)
-
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from ..plugins import get_registry
+
     p = subparsers.add_parser("bench", help="benchmarks with a baseline measured in the same run")
     sub = p.add_subparsers(dest="bench", metavar="BENCH")
-    for name, (help_text, add_arguments, target) in BENCHES.items():
-        bp = sub.add_parser(name, help=help_text)
-        add_arguments(bp)
+    for record in get_registry().records():
+        if record.role != "benchmark":
+            continue
+        bench = record.cls
+        bp = sub.add_parser(record.kind, help=f"{bench.help} ({record.distribution})")
+        bench.add_arguments(bp)
         bp.add_argument("--json", action="store_true", help="print one JSON object")
-        bp.set_defaults(func=_runner(target))
+        bp.set_defaults(func=_runner(bench.run))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _runner(target: str) -> Callable[[argparse.Namespace], int]:
+def _runner(run_bench: Callable[[argparse.Namespace], dict[str, Any]]) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        module, _, function = target.partition(":")
-        report: dict[str, Any] = getattr(importlib.import_module(module), function)(args)
+        report = run_bench(args)
         report["machine"] = machine()
         if args.json:
             print(json.dumps(report, indent=2))

@@ -1,0 +1,37 @@
+"""Built-in plugin: the benchmarks that need nothing but pegaflow-core."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pegaflow_core.hookspecs import hookimpl
+
+
+class DaemonBenchmark:
+    """A simulated Llama-3.1-8B engine saving and loading a prompt's KV through a real daemon,
+    against a one-thread memcpy of the same bytes."""
+
+    kind = "daemon"
+    help = "simulated Llama-3.1-8B engine saving/loading a prompt's KV through a real daemon, vs memcpy"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tokens", type=int, default=10_000, help="prompt length (default %(default)s)")
+        p.add_argument("--iterations", type=int, default=5, help="timed saves and loads (default %(default)s)")
+        p.add_argument("--control-rounds", type=int, default=50, help="control-plane RPCs timed for p50/p99")
+        p.add_argument("--pool-size", default="4gb", help="daemon DRAM tier capacity (default %(default)s)")
+        p.add_argument("--memory", choices=("shm", "cma"), default="shm",
+                       help="engine KV in a shared-memory file, or private memory reached by cross-memory attach")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        from pegaflow_core.bench_daemon import run
+
+        return run(args)
+
+
+@hookimpl
+def register_benchmarks(register):
+    """Register the daemon benchmark."""
+    register(DaemonBenchmark)
