@@ -320,6 +320,8 @@ class LocalIndex(Index):
 
 def _check_keys(keys: Sequence[BlockKey]) -> Sequence[BlockKey]:
     """Validate a batch of keys before anything is changed, so bad input corrupts nothing."""
+    if isinstance(keys, BlockKey):  # a BlockKey is itself a tuple: catch the missing brackets
+        raise InvalidArgument(f"keys: expected a sequence of BlockKey, got a single {keys!r}; wrap it in a list")
     if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
         raise InvalidArgument(f"keys: expected a sequence of BlockKey, got {type(keys).__name__}")
     for i, key in enumerate(keys):
