@@ -27,7 +27,15 @@ from .layout import Plane
 log = logging.getLogger("pegaflow.client")
 
 DEFAULT_ENDPOINT = "127.0.0.1:50055"
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # gRPC's default reconnect backoff grows to two minutes; a restarted daemon must be found again
+    # within a second so engines go back from misses to hits quickly.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 @dataclass(frozen=True)

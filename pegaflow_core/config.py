@@ -9,13 +9,16 @@ and :func:`options_from_mapping` checks the YAML against its field annotations, 
 backend gets the same validation, error messages and ``pegaflow config show`` comments as ours by
 writing nothing but the dataclass. Supported field types: ``int``, ``float``, ``bool``, ``str``,
 :data:`~pegaflow_core.sizes.Size`, :data:`~pegaflow_core.sizes.Duration`, ``Literal[...]``, unions
-of those (``Size | Literal['auto']``, ``int | None``), ``tuple[X, ...]``, ``list[X]`` and ``Any``.
+of those (``Size | Literal['auto']``, ``int | None``), ``tuple[X, ...]``, ``list[X]``,
+``dict[str, X]`` and ``Any``. A backend that wraps another one (such as ``faulty``) takes the inner
+component as a ``dict[str, Any]`` option and validates it with :func:`component_from_mapping`.
 Field metadata may carry ``help`` (shown in docs and ``config show``), ``expect`` (replaces the
 type's description in errors) and ``check`` (a callable raising ``ValueError`` with the message).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import difflib
@@ -172,6 +175,16 @@ class DaemonConfig:
         server = options_from_mapping(ServerConfig, {**current, **changes}, file=source, path="server")
         return dataclasses.replace(self, server=server)
 
+    def without_recovery(self) -> DaemonConfig:
+        """A copy whose tiers start empty: every tier option named ``recover`` set to false
+        (what ``pegaflow serve --cold`` does)."""
+        tiers = []
+        for tier in self.tiers:
+            names = {f.name for f in dataclasses.fields(tier.options)}
+            options = dataclasses.replace(tier.options, recover=False) if "recover" in names else tier.options
+            tiers.append(dataclasses.replace(tier, options=options))
+        return dataclasses.replace(self, tiers=tuple(tiers))
+
     def to_yaml(self, *, comments: bool = True) -> str:
         """The effective config as YAML that :func:`parse_config` reads back to an equal config.
         With ``comments``, each option carries its ``help`` text as a trailing comment."""
@@ -251,11 +264,34 @@ def config_from_server_flags(
     return _build(raw, FLAGS_SOURCE, registry)
 
 
+def component_from_mapping(
+    role: str, mapping: Any, *, file: str | None, path: str, registry: plugins.Registry | None = None
+) -> ComponentConfig:
+    """Validate one ``{kind: ..., <options>}`` mapping of ``role`` ("tier", "transport" or "index")
+    exactly as a top-level component is validated (kind installed and available, every option), and
+    return it unbuilt; ``.build()`` constructs it. ``name`` is not accepted: only the stack's tiers
+    have names.
+
+    This is for backends that wrap another backend: their ``Options.__post_init__`` calls it with
+    ``file=None`` and a path relative to their own mapping (``path="inner"``), and
+    :func:`options_from_mapping` re-anchors the resulting ConfigError under the wrapper's own file
+    and path, so the user reads ``stack.yaml: tiers[0].inner.capacity: expected a size ...``.
+    ``registry`` defaults to the one the config being loaded uses, else the process-wide one."""
+    if role not in _COMPONENT_ROLES:
+        raise InvalidArgument(f"role: expected one of {', '.join(map(repr, _COMPONENT_ROLES))}, got {role!r}")
+    resolver = _Resolver(registry if registry is not None else _registry_in_use.get())
+    return resolver.component(mapping, role=role, path=path, file=file, named=False)
+
+
 def options_from_mapping(options_cls: type[T], mapping: Any, *, file: str | None, path: str) -> T:
     """Validate a YAML mapping against the fields of the frozen dataclass ``options_cls`` and build
     it. ``file`` and ``path`` (e.g. ``tiers[1]``) locate the mapping for error messages; a null
     mapping means "all defaults". Raises ConfigError for the user's mistakes and PluginError when
-    the dataclass itself uses a field type the loader does not understand."""
+    the dataclass itself uses a field type the loader does not understand.
+
+    A ConfigError raised by the dataclass's ``__post_init__`` without a file (a nested component
+    validated with :func:`component_from_mapping`) names a path relative to this mapping; it is
+    re-raised with ``file`` and with ``path`` prefixed."""
     if not (isinstance(options_cls, type) and dataclasses.is_dataclass(options_cls)):
         raise PluginError(f"{options_cls!r} is not a dataclass; backend Options must be a frozen dataclass")
     if mapping is None:
@@ -295,7 +331,12 @@ def options_from_mapping(options_cls: type[T], mapping: Any, *, file: str | None
         values[key] = value
     try:
         return options_cls(**values)
-    except ConfigError:
+    except ConfigError as exc:
+        if exc.file is not None:
+            raise
+        nested = f"{path}{exc.path}" if exc.path.startswith("[") else _join(path, exc.path)
+        raise ConfigError(exc.reason, file=file, path=nested) from None
+    except PluginError:  # a nested backend's own bug; not the user's to fix
         raise
     except (ValueError, PegaflowError) as exc:  # the dataclass's own __post_init__ checks
         raise ConfigError(str(exc), file=file, path=path) from None
@@ -355,7 +396,24 @@ def _default_raw() -> dict[str, Any]:
 
 # -- building ------------------------------------------------------------------------------------
 
+_COMPONENT_ROLES = ("tier", "transport", "index")
+
+#: The registry of the config being loaded, so that components nested inside another component's
+#: options (validated from its ``__post_init__``) resolve their kinds where the outer one did.
+_registry_in_use: contextvars.ContextVar[plugins.Registry | None] = contextvars.ContextVar(
+    "pegaflow_config_registry", default=None
+)
+
+
 def _build(data: Any, source: str, registry: plugins.Registry | None) -> DaemonConfig:
+    token = _registry_in_use.set(registry)
+    try:
+        return _build_sections(data, source, registry)
+    finally:
+        _registry_in_use.reset(token)
+
+
+def _build_sections(data: Any, source: str, registry: plugins.Registry | None) -> DaemonConfig:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -533,9 +591,11 @@ def _expectation(tp: Any, *, where: str = "") -> str:
         if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
             return f"a list of {len(args)} items: " + ", ".join(_expectation(arm, where=where) for arm in args)
         return f"a list, each item {_expectation(args[0] if args else Any, where=where)}"
+    if origin is dict and len(args) == 2 and args[0] is str:
+        return "a mapping" if args[1] is Any else f"a mapping, each value {_expectation(args[1], where=where)}"
     raise PluginError(
         f"{where or 'option'}: unsupported option type {tp!r}; use int, float, bool, str, Size, Duration, "
-        f"Literal[...], unions of those, tuple[X, ...] or list[X]"
+        f"Literal[...], unions of those, tuple[X, ...], list[X] or dict[str, X]"
     )
 
 
@@ -593,6 +653,13 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 item_type = args[0] if args else Any
                 items = [_coerce(item_type, item, f"{path}[{i}]") for i, item in enumerate(value)]
                 return tuple(items) if origin is tuple else items
+    elif typing.get_origin(tp) is dict:
+        if isinstance(value, Mapping):
+            value_type = typing.get_args(tp)[1]
+            for key in value:
+                if not isinstance(key, str):
+                    raise _Mismatch(path, "a mapping with string keys", key)
+            return {key: _coerce(value_type, item, _join(path, key)) for key, item in value.items()}
     raise _Mismatch(path, _expectation(tp), value)
 
 
@@ -638,6 +705,10 @@ def _exact_size(nbytes: int) -> str | int:
 
 def _plain(tp: Any, value: Any) -> Any:
     """An option value as YAML data that parses back to the same value."""
+    if isinstance(value, Mapping):
+        mapping_types = [arm for arm in (typing.get_args(tp) if _is_union(tp) else (tp,)) if typing.get_origin(arm) is dict]
+        value_type = typing.get_args(mapping_types[0])[1] if mapping_types else Any
+        return {key: _plain(value_type, item) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
         sequence_types = [arm for arm in (typing.get_args(tp) if _is_union(tp) else (tp,))
                           if typing.get_origin(arm) in (list, tuple)]
@@ -663,13 +734,15 @@ def _display(tp: Any, value: Any) -> str:
         return f"{value:g}s"
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(str(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{key}: {_display(Any, item)}" for key, item in value.items()) + "}"
     return str(value)
 
 
 def _yaml_value(value: Any) -> str:
     """One value in YAML's syntax, on one line where possible (collections in flow style)."""
     if isinstance(value, (list, dict)):
-        return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip()
+        return yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
     dumped = yaml.safe_dump({"k": value}, default_flow_style=False, width=1 << 20).rstrip("\n")
     return dumped[len("k: "):]
 

@@ -30,6 +30,9 @@ class Metrics:
         self.tier_capacity = Gauge("pegaflow_tier_capacity_bytes", "Tier capacity", ["tier"], registry=r)
         self.tier_used = Gauge("pegaflow_tier_used_bytes", "Tier bytes in use", ["tier"], registry=r)
         self.tier_blocks = Gauge("pegaflow_tier_blocks", "Blocks stored in a tier", ["tier"], registry=r)
+        self.tier_integrity_failures = Gauge(
+            "pegaflow_tier_integrity_failures", "Blocks a tier found corrupt (checksum mismatch) and dropped", ["tier"], registry=r
+        )
         self.leases = Gauge("pegaflow_leases_active", "Live leases", registry=r)
         self.pinned = Gauge("pegaflow_pinned_blocks", "Blocks pinned by leases", registry=r)
         self.contexts = Gauge("pegaflow_contexts", "Registered engine contexts", registry=r)

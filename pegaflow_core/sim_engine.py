@@ -97,8 +97,11 @@ class SimulatedEngine:
         return ids
 
     def prefill(self, tokens: Sequence[int], verify: bool = False) -> PrefillStats:
+        """One request's prefill. The daemon going away at any step is a miss (recompute, skip the
+        save), never an error: that is what a connector must do too."""
         hashes = block_hashes(tokens, self.shape.block_size)
         ids = self.allocate(len(hashes))
+        down = False
         t0 = time.perf_counter()
         try:
             hit = self.client.query(self.handle, hashes)
@@ -108,8 +111,11 @@ class SimulatedEngine:
         failed: tuple[int, ...] = ()
         loaded = 0
         if hit.hit_blocks:
-            result = self.client.load(self.handle, hit.lease_id, ids[: hit.hit_blocks]).wait()
-            failed, loaded = result.failed_block_ids, result.bytes
+            try:
+                result = self.client.load(self.handle, hit.lease_id, ids[: hit.hit_blocks]).wait()
+                failed, loaded = result.failed_block_ids, result.bytes
+            except DaemonUnavailable:
+                failed, down = tuple(ids[: hit.hit_blocks]), True
         t2 = time.perf_counter()
         first_failed = min((ids.index(b) for b in failed), default=hit.hit_blocks)
         reuse = min(hit.hit_blocks, first_failed)
@@ -121,10 +127,14 @@ class SimulatedEngine:
             for i in range(reuse, len(hashes)):
                 fill_block(self.cache, ids[i], hashes[i])
         t3 = time.perf_counter()
-        saved = self.client.save(self.handle, ids[reuse:], hashes[reuse:]) if reuse < len(hashes) else None
+        saved = 0
+        if reuse < len(hashes) and not down:
+            try:
+                saved = self.client.save(self.handle, ids[reuse:], hashes[reuse:]).stored
+            except DaemonUnavailable:
+                down = True
         t4 = time.perf_counter()
-        return PrefillStats(len(hashes), reuse, t1 - t0, t2 - t1, t3 - t2, t4 - t3, loaded,
-                            saved.stored if saved else 0, len(failed))
+        return PrefillStats(len(hashes), reuse, t1 - t0, t2 - t1, t3 - t2, t4 - t3, loaded, saved, len(failed), down)
 
     def _compute_only(self, hashes: list[bytes], ids: list[int], query_s: float) -> PrefillStats:
         t = time.perf_counter()

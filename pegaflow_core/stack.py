@@ -55,6 +55,22 @@ class TierStack:
             metrics.bind_gauge(metrics.tier_capacity.labels(name), lambda t=tier: t.usage().capacity_bytes)
             metrics.bind_gauge(metrics.tier_used.labels(name), lambda t=tier: t.usage().used_bytes)
             metrics.bind_gauge(metrics.tier_blocks.labels(name), lambda t=tier: t.usage().blocks)
+            metrics.bind_gauge(metrics.tier_integrity_failures.labels(name), lambda t=tier: t.integrity_failures)
+        self.recovered = self._index_recovered()
+
+    def _index_recovered(self) -> int:
+        """Index what persistent tiers found at open (a re-attached pool, SSD segments), lowest
+        tier first so that the fastest copy is the most recently used one."""
+        total = 0
+        for name, tier in reversed(self.tiers):
+            found = tier.recovered()
+            if found:
+                self.index.insert([(key, Location(name, self.node, nbytes)) for key, nbytes in found])
+                for key, nbytes in found:
+                    self._block_bytes.setdefault(key.namespace, nbytes)
+                log.info("tier %s: %d blocks recovered and indexed", name, len(found))
+                total += len(found)
+        return total
 
     @property
     def top(self) -> tuple[str, Tier]:

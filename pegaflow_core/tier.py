@@ -57,6 +57,9 @@ class Tier(Backend, ABC):
 
     capabilities: ClassVar[TierCapabilities] = TierCapabilities()
 
+    #: Blocks found corrupt (checksum mismatch) and answered as misses; the daemon exports it.
+    integrity_failures: int = 0
+
     # -- required -------------------------------------------------------------------------
     @abstractmethod
     def put(self, keys: Sequence[BlockKey], blocks: Sequence[Buffer]) -> list[bool]:
@@ -83,6 +86,13 @@ class Tier(Backend, ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources. Persistent tiers keep their contents for the next open."""
+
+    # -- capability: persistent ----------------------------------------------------------------
+    def recovered(self) -> list[tuple[BlockKey, int]]:
+        """``(key, nbytes)`` of every block a persistent tier found when it was opened (a
+        re-attached pool, SSD segments), so the daemon can index them again. Called once, at
+        start. Tiers that start empty return ``[]``."""
+        return []
 
     # -- capability: host_views ----------------------------------------------------------------
     def reserve(self, keys: Sequence[BlockKey], nbytes: int) -> list[memoryview | None]:

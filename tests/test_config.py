@@ -275,7 +275,7 @@ def test_check_metadata_runs_on_the_coerced_value() -> None:
 def test_backend_author_mistakes_are_plugin_errors() -> None:
     @dataclass(frozen=True)
     class Unsupported:
-        table: dict[str, int] = field(default_factory=dict)
+        table: dict[int, str] = field(default_factory=dict)  # YAML mappings of options have string keys
 
     with pytest.raises(PluginError, match=r"Unsupported\.table: unsupported option type"):
         options_from_mapping(Unsupported, {}, file="f.yaml", path="x")
@@ -285,6 +285,71 @@ def test_backend_author_mistakes_are_plugin_errors() -> None:
 
     with pytest.raises(PluginError, match="frozen dataclass"):
         options_from_mapping(NotADataclass, {}, file="f.yaml", path="x")
+
+
+def test_mapping_options_check_keys_and_values_and_round_trip() -> None:
+    @dataclass(frozen=True)
+    class Mapped:
+        limits: dict[str, Size] = field(default_factory=dict)
+        extra: dict[str, Any] = field(default_factory=dict)
+
+    got = options_from_mapping(Mapped, {"limits": {"hot": "1kb"}, "extra": {"kind": "x", "n": [1]}}, file="f.yaml", path="x")
+    assert got.limits == {"hot": 1024} and got.extra == {"kind": "x", "n": [1]}
+    with pytest.raises(ConfigError, match=r"^f\.yaml: x\.limits\.hot: expected a size like '30gb', '500mb' or a byte count, got 'big'$"):
+        options_from_mapping(Mapped, {"limits": {"hot": "big"}}, file="f.yaml", path="x")
+    with pytest.raises(ConfigError, match=r"^f\.yaml: x\.extra: expected a mapping, got a list$"):
+        options_from_mapping(Mapped, {"extra": [1]}, file="f.yaml", path="x")
+    with pytest.raises(ConfigError, match=r"^f\.yaml: x\.extra: expected a mapping with string keys, got 3$"):
+        options_from_mapping(Mapped, {"extra": {3: "three"}}, file="f.yaml", path="x")
+    assert config_module._plain(dict[str, Size], got.limits) == {"hot": "1kb"}
+    assert config_module._yaml_value(config_module._plain(dict[str, Any], {"kind": "x", "a": 1})) == "{kind: x, a: 1}"
+
+
+@dataclass(frozen=True)
+class WrapperOptions:
+    """Options of a test backend that wraps another tier, the way ``faulty`` does."""
+
+    inner: dict[str, Any] = field(metadata={"help": "the wrapped tier"})
+    inner_config: Any = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        inner = config_module.component_from_mapping("tier", self.inner, file=None, path="inner")
+        object.__setattr__(self, "inner_config", inner)
+
+
+class FakeWrapper(Backend):
+    kind = "wrapper"
+    Options = WrapperOptions
+
+
+def test_nested_components_are_validated_with_their_full_key_path(registry: plugins.Registry) -> None:
+    registry.add(plugins.PluginRecord("tier", "wrapper", FakeWrapper, "tests", "pegaflow-tests", "9.9"))
+    config = parse("tiers:\n  - kind: wrapper\n    inner: {kind: dram, capacity: 1gb}\n")
+    inner = config.tiers[0].options.inner_config
+    assert (inner.role, inner.kind, inner.cls, inner.options.capacity) == ("tier", "dram", FakeDram, GIB)
+    assert config.tiers[0].option_items() == [("inner", "{kind: dram, capacity: 1gb}")]
+    assert parse(config.to_yaml()) == config
+    for inner_text, message in [
+        ("{kind: dram, capacity: lots}", r"tiers\[0\]\.inner\.capacity: expected a size like '30gb'.*got 'lots'$"),
+        ("{kind: ssd}", r"tiers\[0\]\.inner\.kind: unknown tier kind 'ssd'; installed: "),
+        ("{capacity: 1gb}", r"tiers\[0\]\.inner: missing required key 'kind'"),
+        ("{kind: dram, name: hot}", r"tiers\[0\]\.inner: unknown key 'name'"),
+        ("{kind: rdma}", r"tiers\[0\]\.inner\.kind: unknown tier kind 'rdma'"),
+        ("{kind: wrapper, inner: {kind: dram, numa: near}}", r"tiers\[0\]\.inner\.inner\.numa: expected an integer"),
+        ("[dram]", r"tiers\[0\]\.inner: expected a mapping, got a list$"),
+    ]:
+        with pytest.raises(ConfigError, match=r"^stack\.yaml: " + message):
+            parse(f"tiers:\n  - kind: wrapper\n    inner: {inner_text}\n")
+
+
+def test_nested_components_resolve_in_the_registry_the_config_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = make_registry()
+    mine.add(plugins.PluginRecord("tier", "wrapper", FakeWrapper, "tests", "pegaflow-tests", "9.9"))
+    monkeypatch.setattr(plugins, "get_registry", lambda reload=False: plugins.Registry())
+    config = parse_config("tiers: [{kind: wrapper, inner: {kind: disk, path: /x, capacity: 1gb}}]", "s.yaml", registry=mine)
+    assert config.tiers[0].options.inner_config.cls is FakeDisk
+    with pytest.raises(InvalidArgument, match=r"^role: expected one of 'tier', 'transport', 'index', got 'engine'$"):
+        config_module.component_from_mapping("engine", {"kind": "x"}, file=None, path="inner")
 
 
 # -- the embedded default ----------------------------------------------------------------------------
@@ -378,7 +443,9 @@ def test_unknown_top_level_key() -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("server: {listen: localhost}", r"server\.listen: expected host:port like '127\.0\.0\.1:50055' \(IPv6 as "
-                                    r"'\[::1\]:50055'\), got 'localhost'"),
+                                    r"'\[::1\]:50055'\) or 'unix:///path', got 'localhost'"),
+    ("server: {listen: 'unix:relative.sock'}", r"server\.listen: expected a Unix socket as 'unix:///absolute/path', "
+                                               r"got 'unix:relative\.sock'"),
     ("server: {listen: 'host:99999'}", r"server\.listen: expected host:port .*got 'host:99999'"),
     ("server: {listen: '::1:80'}", r"server\.listen: expected host:port .*got '::1:80'"),
     ("server: {listen: 50055}", r"server\.listen: expected a string, got 50055"),
@@ -611,3 +678,9 @@ def test_docs_describe_every_server_key_and_section() -> None:
         assert f"| `{f.name}` |" in docs, f"docs/config.md does not document server.{f.name}"
     for key in config_module.TOP_LEVEL_KEYS:
         assert f"`{key}`" in docs
+
+
+def test_listen_accepts_a_unix_socket():
+    config = parse_config("server: {listen: 'unix:///run/pegaflow.sock'}", "stack.yaml")
+    assert config.server.listen == "unix:///run/pegaflow.sock"
+

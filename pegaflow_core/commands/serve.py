@@ -11,6 +11,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", metavar="FILE", help="YAML tier-stack config")
     p.add_argument("--listen", metavar="HOST:PORT", help="override server.listen")
     p.add_argument("--metrics", metavar="HOST:PORT|off", help="override server.metrics")
+    p.add_argument("--cold", action="store_true",
+                   help="start empty: do not re-attach what persistent tiers held before (their 'recover' option)")
     p.set_defaults(func=run)
 
 
@@ -26,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         changes["metrics"] = None if args.metrics == "off" else args.metrics
     if changes:
         config = config.with_server(**changes)
+    if args.cold:
+        config = config.without_recovery()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve_forever(config)

@@ -78,6 +78,15 @@ class DramOptions:
         metadata={"help": "pool file pegaflow-<pool_name>.pool, kept on close for a restarted daemon; "
                           "null: a private pool, removed on close", "check": _check_pool_name},
     )
+    recover: bool = field(
+        default=True,
+        metadata={"help": "with a pool_name: serve the blocks sealed before a restart again (false, or "
+                          "`pegaflow serve --cold`, starts empty)"},
+    )
+    verify: Literal["restart", "always"] = field(
+        default="restart",
+        metadata={"help": "check block checksums on the first read after a restart, or on every read"},
+    )
     pin: Literal["auto", "always", "never"] = field(
         default="auto",
         metadata={"help": "page-lock the pool for the GPU (cudaHostRegister); auto: when a GPU is present",

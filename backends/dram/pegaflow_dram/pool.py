@@ -118,6 +118,35 @@ class SlabAllocator:
                 del partial[chunk.index]
         return out
 
+    def claim(self, offset: int, nbytes: int) -> bool:
+        """Mark the slot at ``offset`` used for a block of ``nbytes``, as a re-attached pool's
+        journal says it is. False (and nothing changed) when the slot cannot be that: its chunk
+        is bound to another size class, the offset is not on a slot boundary, or it is taken."""
+        size = self.check_fits(nbytes)
+        index, within = divmod(offset, self.chunk_bytes)
+        if offset < 0 or index >= self.chunks or within % size or within + size > self.chunk_bytes:
+            return False
+        chunk = self._bound.get(index)
+        if chunk is None:
+            self._free_chunks.remove(index)
+            chunk = _Chunk(index, size, self.chunk_bytes // size)
+            self._bound[index] = chunk
+            self._partial.setdefault(size, {})[index] = chunk
+        elif chunk.slot != size:
+            return False
+        slot = within // size
+        if slot >= chunk.fresh:
+            chunk.freed.extend(range(chunk.fresh, slot))
+            chunk.fresh = slot + 1
+        elif slot in chunk.freed:
+            chunk.freed.remove(slot)
+        else:
+            return False
+        chunk.used += 1
+        if chunk.used == chunk.slots:
+            self._partial[size].pop(index, None)
+        return True
+
     def free(self, offset: int) -> None:
         """Give a slot back. A chunk left with no used slot returns to the pool at once."""
         index, within = divmod(offset, self.chunk_bytes)

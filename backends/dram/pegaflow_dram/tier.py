@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
+import xxhash
 
 from pegaflow_core import (
     Availability,
@@ -38,6 +39,8 @@ from pegaflow_core.buffers import Buffer
 from pegaflow_core.sizes import Size, format_size
 
 from . import numa, pinning
+from .journal import Journal, SealedBlock
+from .sealer import Sealer
 from .pool import PAGE, SlabAllocator
 from .options import MIB, DramOptions, is_int, mem_available
 from .poolfile import PoolFile, filesystem_of
@@ -50,13 +53,15 @@ _AUTO_FRACTION = 4  # 'auto' capacity: a quarter of MemAvailable
 class _Slot:
     """Where one block lives, and who is still reading it."""
 
-    __slots__ = ("offset", "nbytes", "readers", "dropped")
+    __slots__ = ("offset", "nbytes", "readers", "dropped", "checksum", "verified")
 
-    def __init__(self, offset: int, nbytes: int) -> None:
+    def __init__(self, offset: int, nbytes: int, checksum: int | None = None, verified: bool = True) -> None:
         self.offset = offset
         self.nbytes = nbytes
         self.readers = 0
         self.dropped = False  # evicted while read: the last reader frees it
+        self.checksum = checksum  # xxh3-64 of the bytes once sealed
+        self.verified = verified  # False for blocks recovered from a journal until first checked
 
 
 def _keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
@@ -121,6 +126,21 @@ class DramTier(Tier):
         self._used_bytes = 0
         self._copying = 0  # operations copying outside the lock; close waits for them
         self._closed = False
+        self.integrity_failures = 0
+        self._recovered: list[tuple[BlockKey, int]] = []
+        self._journal: Journal | None = None
+        self._sealer: Sealer | None = None
+        if options.pool_name is not None:
+            self.capabilities = TierCapabilities(
+                memory=self.capabilities.memory, persistent=True, host_views=True
+            )
+            try:
+                self._open_journal(options.recover and self._pool.reattached)
+            except BaseException:
+                self._pool.close()
+                raise
+        if self._journal is not None or options.verify == "always":
+            self._sealer = Sealer(self._seal_batch)
         log.info(
             "dram tier: %s in %s (%d chunks of %s; %s; %s%s)",
             format_size(chunks * options.chunk),
@@ -131,6 +151,98 @@ class DramTier(Tier):
             numa_note,
             f"; {self._pool.detail}" if self._pool.detail else "",
         )
+
+    # -- warm restart ---------------------------------------------------------------------------
+    def _open_journal(self, replay: bool) -> None:
+        """Open the journal beside the named pool; with ``replay``, take back the slots of every
+        block it says was sealed (they are verified against their checksum on first read)."""
+        path = self._pool.path.with_suffix(".journal")
+        identity = xxhash.xxh64_digest(repr(self._pool.geometry).encode() + self._pool.path.name.encode())
+        self._journal, sealed = Journal.open(path, identity, replay)
+        lost = 0
+        for block in sealed:
+            if block.key in self._stored or not self._alloc.claim(block.offset, block.nbytes):
+                lost += 1
+                continue
+            self._stored[block.key] = _Slot(block.offset, block.nbytes, block.checksum, verified=False)
+            self._used_bytes += block.nbytes
+            self._recovered.append((block.key, block.nbytes))
+        if replay:
+            log.info("dram tier: re-attached %s with %d sealed blocks (%s)%s", self._pool.path, len(self._recovered),
+                     format_size(self._used_bytes), f"; {lost} journal records did not fit the pool" if lost else "")
+
+    def recovered(self) -> list[tuple[BlockKey, int]]:
+        with self._lock:
+            return list(self._recovered)
+
+    def _seal_batch(self, keys: list[BlockKey]) -> None:
+        """Checksum committed blocks outside the lock (holding reader counts so an eviction
+        cannot reuse a slot meanwhile), then journal those still stored."""
+        with self._lock:
+            if self._closed:
+                return
+            pairs = [(k, s) for k in keys if (s := self._stored.get(k)) is not None and s.checksum is None]
+            for _, slot in pairs:
+                slot.readers += 1
+        sums = [xxhash.xxh3_64_intdigest(self._data[s.offset : s.offset + s.nbytes]) for _, s in pairs]
+        with self._lock:
+            sealed = []
+            for (key, slot), checksum in zip(pairs, sums):
+                slot.readers -= 1
+                if slot.dropped:
+                    if slot.readers == 0:
+                        self._alloc.free(slot.offset)
+                    continue
+                slot.checksum = checksum
+                sealed.append(SealedBlock(key, slot.offset, slot.nbytes, checksum))
+            if self._journal is not None:
+                self._journal.seal(sealed)
+                self._journal.maybe_compact(self._sealed_blocks)
+
+    def _sealed_blocks(self) -> list[SealedBlock]:
+        """The live journal content, for compaction (called under the lock)."""
+        return [SealedBlock(k, s.offset, s.nbytes, s.checksum) for k, s in self._stored.items() if s.checksum is not None]
+
+    def wait_sealed(self, timeout_s: float = 30.0) -> bool:
+        """Block until every block committed so far is sealed (for tests and benchmarks)."""
+        return True if self._sealer is None else self._sealer.wait_idle(timeout_s)
+
+    def _verify(self, pairs: list[tuple[BlockKey, _Slot]]) -> list[bool]:
+        """Check the bytes of slots that need it (recovered, or ``verify: always``) against their
+        checksum, outside the lock; a mismatch evicts the block, counts and logs it. The caller
+        holds a reader count on every slot."""
+        always = self.options.verify == "always"
+        out = []
+        for key, slot in pairs:
+            if (slot.verified and not always) or slot.checksum is None:
+                out.append(True)
+                continue
+            ok = xxhash.xxh3_64_intdigest(self._data[slot.offset : slot.offset + slot.nbytes]) == slot.checksum
+            out.append(ok)
+            if ok:
+                slot.verified = True
+                continue
+            log.error("dram tier: block %r in %s at offset %d fails its checksum; dropped (the engine recomputes it)",
+                      key, self._pool.path, slot.offset)
+            with self._lock:
+                self.integrity_failures += 1
+                if self._stored.get(key) is slot:
+                    self._drop(key)
+        return out
+
+    def _drop(self, key: BlockKey) -> bool:
+        """Forget a stored block (under the lock): journal first, then free or defer the slot."""
+        slot = self._stored.pop(key, None)
+        if slot is None:
+            return False
+        self._used_bytes -= slot.nbytes
+        if slot.checksum is not None and self._journal is not None:
+            self._journal.drop([slot.offset])  # before the slot can be reused
+        if slot.readers:
+            slot.dropped = True  # the last reader frees it
+        else:
+            self._alloc.free(slot.offset)
+        return True
 
     # -- construction helpers -----------------------------------------------------------------
     @staticmethod
@@ -245,6 +357,8 @@ class DramTier(Tier):
                     self._used_bytes += slot.nbytes
                 results[i] = True
             self._done_copying()
+        if self._sealer is not None:
+            self._sealer.submit([keys[i] for i, _ in writing])
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
         keys = _keys(keys)
@@ -269,7 +383,10 @@ class DramTier(Tier):
         results = [False] * len(keys)
         array = self._array
         try:
-            for i, slot in reading:
+            valid = self._verify([(keys[i], slot) for i, slot in reading]) if self._sealer is not None else None
+            for n, (i, slot) in enumerate(reading):
+                if valid is not None and not valid[n]:
+                    continue
                 np.copyto(np.frombuffer(targets[i], dtype=np.uint8), array[slot.offset : slot.offset + slot.nbytes])
                 results[i] = True
         finally:
@@ -294,15 +411,7 @@ class DramTier(Tier):
         with self._lock:
             self._check_open()
             for key in keys:
-                slot = self._stored.pop(key, None)
-                if slot is None:
-                    continue
-                dropped += 1
-                self._used_bytes -= slot.nbytes
-                if slot.readers:
-                    slot.dropped = True  # the last get_into still copying frees it
-                else:
-                    self._alloc.free(slot.offset)
+                dropped += self._drop(key)
         return dropped
 
     def usage(self) -> TierUsage:
@@ -319,11 +428,16 @@ class DramTier(Tier):
         with self._lock:
             if self._closed:
                 return
+        if self._sealer is not None:
+            self._sealer.stop()  # seals what is queued, so a clean restart keeps everything
+        with self._lock:
             self._closed = True
             while self._copying:
                 self._idle.wait()
             self._stored.clear()
             self._reserved.clear()
+            if self._journal is not None:
+                self._journal.close()
         if self._pinned is not None:
             try:
                 self._pinned.release()
@@ -369,6 +483,7 @@ class DramTier(Tier):
             for i, key in enumerate(keys):
                 if key not in self._reserved:
                     raise InvalidArgument(f"keys[{i}]: {key!r} has no reservation to commit (reserve it first)")
+            fresh = []
             for key in keys:
                 slot = self._reserved.pop(key, None)
                 if slot is None:  # the same key twice in this batch
@@ -378,6 +493,9 @@ class DramTier(Tier):
                 else:
                     self._stored[key] = slot
                     self._used_bytes += slot.nbytes
+                    fresh.append(key)
+        if self._sealer is not None:
+            self._sealer.submit(fresh)
 
     def abort(self, keys: Sequence[BlockKey]) -> None:
         """Give reserved slots back; keys without a reservation are ignored (abort is cleanup)."""
@@ -394,11 +512,22 @@ class DramTier(Tier):
         keys = _keys(keys)
         with self._lock:
             self._check_open()
-            out: list[memoryview | None] = []
-            for key in keys:
-                slot = self._stored.get(key)
-                out.append(None if slot is None else self._data[slot.offset : slot.offset + slot.nbytes].toreadonly())
-            return out
+            slots = [self._stored.get(key) for key in keys]
+            check = [(k, s) for k, s in zip(keys, slots) if s is not None and self._sealer is not None
+                     and s.checksum is not None and (not s.verified or self.options.verify == "always")]
+            for _, slot in check:
+                slot.readers += 1
+        if check:
+            try:
+                bad = {id(slot) for (_, slot), ok in zip(check, self._verify(check)) if not ok}
+            finally:
+                with self._lock:
+                    for _, slot in check:
+                        slot.readers -= 1
+                        if slot.dropped and slot.readers == 0:
+                            self._alloc.free(slot.offset)
+            slots = [None if s is not None and id(s) in bad else s for s in slots]
+        return [None if s is None else self._data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
 
     # -- pool access for transports --------------------------------------------------------------
     def buffer(self) -> memoryview:
