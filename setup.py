@@ -50,9 +50,28 @@ def generate_proto() -> None:
             leftover.rmdir()
 
 
+def build_native() -> None:
+    """Compile the host copy routine (pegaflow_core/native/*.c) into a plain shared library.
+    Optional: without a C compiler the daemon falls back to numpy copies (slower, same results)."""
+    import os
+    import subprocess
+
+    out = ROOT / "pegaflow_core" / "_native"
+    out.mkdir(exist_ok=True)
+    (out / "__init__.py").write_text('"""Built at install time from pegaflow_core/native; do not edit."""\n')
+    for source in sorted((ROOT / "pegaflow_core" / "native").glob("*.c")):
+        target = out / f"lib{source.stem}.so"
+        cmd = [os.environ.get("CC", "cc"), "-O3", "-shared", "-fPIC", "-o", str(target), str(source)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError) as exc:
+            print(f"warning: could not build {source.name} ({exc}); the daemon will use numpy copies")
+
+
 class BuildPyWithProto(build_py):
     def run(self) -> None:
         generate_proto()
+        build_native()
         super().run()
 
 
