@@ -41,6 +41,7 @@ GIB = 1 << 30
 class FakeDramOptions:
     capacity: Size | Literal["auto"] = field(default="auto", metadata={"help": "pool size; auto: some of free memory"})
     numa: int | Literal["auto"] | None = "auto"
+    pool_name: str | None = None  # the embedded default names its pool
 
 
 class FakeDram(Backend):
@@ -369,7 +370,7 @@ def test_default_yaml_server_section_matches_the_dataclass_defaults() -> None:
     raw = yaml.safe_load(default_config_text())
     documented = options_from_mapping(ServerConfig, raw["server"], file="default.yaml", path="server")
     assert documented == ServerConfig()
-    assert raw["index"] == {"kind": "local"} and raw["tiers"] == [{"kind": "dram", "capacity": "auto"}]
+    assert raw["index"] == {"kind": "local"} and raw["tiers"] == [{"kind": "dram", "capacity": "auto", "pool_name": "default"}]
 
 
 def test_server_defaults() -> None:
@@ -549,7 +550,7 @@ def test_bad_tier_names(name: Any) -> None:
 
 def test_unknown_option_of_a_backend_lists_kind_name_and_options() -> None:
     with pytest.raises(ConfigError, match=r"^stack\.yaml: tiers\[0\]: unknown key 'capcity' \(did you mean "
-                                          r"'capacity'\?\); valid keys: kind, name, capacity, numa$"):
+                                          r"'capacity'\?\); valid keys: kind, name, capacity, numa, pool_name$"):
         parse("tiers: [{kind: dram, capcity: 1gb}]\n")
 
 
