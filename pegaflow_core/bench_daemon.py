@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     baseline = memcpy_gbps(nbytes)
     config = f"tiers: [{{kind: dram, capacity: {pool}}}]\nindex: {{kind: local}}\n"
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
+        client.wait_warm()
         engine = SimulatedEngine(client, shape, fill=False, memory=args.memory)
         try:
             engine.cache.array[:] = 7  # fault every page in before timing

@@ -244,6 +244,16 @@ class PegaflowClient:
                     raise
                 time.sleep(0.05)
 
+    def wait_warm(self, timeout_s: float = 600.0) -> float:
+        """Wait until no tier is still faulting its memory in; return the seconds waited.
+        Serving starts before that; benchmarks wait so they time the steady state."""
+        started = time.monotonic()
+        while self.health().warming:
+            if time.monotonic() - started > timeout_s:
+                raise DaemonUnavailable(f"the daemon was still warming up after {timeout_s:.0f}s")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
     def register_context(self, spec: ContextSpec) -> ContextHandle:
         if any(r.kind == "cma" for r in spec.regions):
             from .cma import allow_daemon_access

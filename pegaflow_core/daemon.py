@@ -104,6 +104,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         return pb.HealthResponse(
             status="serving", daemon_id=self.daemon_id, version=__version__,
             node=self.config.server.node, uptime_s=time.monotonic() - self.started,
+            warming=any(tier.warming for _, tier in self.stack.tiers),
         )
 
     async def Session(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvent]:

@@ -61,7 +61,8 @@ class HostKVCache:
         self.memory = memory
         nbytes = shape.num_layers * shape.layer_bytes
         self.region = SharedRegion.create(nbytes) if memory == "shm" else None
-        self.array = self.region.array if self.region is not None else np.zeros(nbytes, dtype=np.uint8)
+        self.array = self.region.array if self.region is not None else np.empty(nbytes, dtype=np.uint8)
+        self.array.fill(0)  # touch every page now, as an engine allocating its KV cache does
         word = np.uint16 if shape.itemsize == 2 else np.dtype(shape.dtype)
         self._layers = [
             self.array[l * shape.layer_bytes : (l + 1) * shape.layer_bytes]

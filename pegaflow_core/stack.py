@@ -116,10 +116,10 @@ class TierStack:
             got_keys = [todo_keys[j] for j in got]
             try:
                 fill([todo[j] for j in got], [views[j] for j in got])
+                top.commit(got_keys)
             except BaseException:
-                top.abort(got_keys)
+                top.abort(got_keys)  # commit is all-or-nothing, so nothing of the batch is visible
                 raise
-            top.commit(got_keys)
             self.index.insert([(k, Location(name, self.node, nbytes)) for k in got_keys])
         finally:
             with self._lock:

@@ -59,6 +59,9 @@ class Tier(Backend, ABC):
 
     #: Blocks found corrupt (checksum mismatch) and answered as misses; the daemon exports it.
     integrity_failures: int = 0
+    #: True while the tier is still preparing its memory in the background (it serves meanwhile,
+    #: more slowly); Health reports it so benchmarks can wait.
+    warming: bool = False
 
     # -- required -------------------------------------------------------------------------
     @abstractmethod

@@ -27,6 +27,7 @@ BIN = Path(sys.executable).parent
 class TierOptions:
     capacity: Size | Literal["auto"] = field(default="auto", metadata={"help": "bytes the tier may hold"})
     numa: int | None = None
+    pool_name: str | None = None  # the embedded default names its pool
 
 
 class TestTier(Backend):
@@ -168,8 +169,8 @@ def test_config_show_file_without_comments(capsys: pytest.CaptureFixture[str], t
     status, out, _ = run(capsys, "config", "show", "--no-comments", path)
     assert status == 0
     body = out.split("\n", 1)[1]
-    assert "#" not in body and "  - kind: dram\n    capacity: 8gb\n    numa: null\n" in body
-    assert yaml.safe_load(out)["tiers"] == [{"kind": "dram", "capacity": "8gb", "numa": None}]
+    assert "#" not in body and "  - kind: dram\n    capacity: 8gb\n    numa: null\n    pool_name: null\n" in body
+    assert yaml.safe_load(out)["tiers"] == [{"kind": "dram", "capacity": "8gb", "numa": None, "pool_name": None}]
 
 
 def test_config_without_subcommand_prints_help(capsys: pytest.CaptureFixture[str]) -> None:

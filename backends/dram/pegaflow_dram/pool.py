@@ -66,7 +66,7 @@ class SlabAllocator:
     Offsets are relative to the start of the pool's data region; the owner adds its base.
     """
 
-    def __init__(self, chunk_bytes: int, chunks: int) -> None:
+    def __init__(self, chunk_bytes: int, chunks: int, ready: bool = True) -> None:
         if chunk_bytes <= 0 or chunk_bytes % PAGE:
             raise InvalidArgument(f"chunk: expected a positive multiple of {PAGE} bytes, got {chunk_bytes}")
         if chunks <= 0:
@@ -74,8 +74,12 @@ class SlabAllocator:
         self.chunk_bytes = chunk_bytes
         self.chunks = chunks
         # Free chunks as a stack; the lowest indices come out first, so a lightly used pool stays
-        # compact at the front (fewer pages touched when populate is off).
-        self._free_chunks = list(range(chunks - 1, -1, -1))
+        # compact at the front (fewer pages touched when populate is off). With ``ready=False``
+        # chunks start "cold" (pages not faulted in yet) and move to the free stack as
+        # ``mark_ready`` says; cold chunks are handed out only when no warm one is left.
+        self._ready: set[int] | None = None if ready else set()
+        self._free_chunks = list(range(chunks - 1, -1, -1)) if ready else []
+        self._cold_chunks = [] if ready else list(range(chunks - 1, -1, -1))
         self._bound: dict[int, _Chunk] = {}  # chunk index -> state, for chunks bound to a class
         self._partial: dict[int, dict[int, _Chunk]] = {}  # slot size -> chunks with a free slot
 
@@ -98,8 +102,8 @@ class SlabAllocator:
         while len(out) < count:
             if partial:
                 chunk = partial[next(reversed(partial))]  # most recently opened: fill it before others
-            elif self._free_chunks:
-                index = self._free_chunks.pop()
+            elif self._free_chunks or self._cold_chunks:
+                index = (self._free_chunks or self._cold_chunks).pop()
                 chunk = _Chunk(index, size, self.chunk_bytes // size)
                 self._bound[index] = chunk
                 partial[index] = chunk
@@ -118,6 +122,15 @@ class SlabAllocator:
                 del partial[chunk.index]
         return out
 
+    def mark_ready(self, index: int) -> None:
+        """Chunk ``index``'s pages are in memory: prefer it to cold chunks from now on."""
+        if self._ready is None or index in self._ready:
+            return
+        self._ready.add(index)
+        if index in self._cold_chunks:
+            self._cold_chunks.remove(index)
+            self._free_chunks.append(index)
+
     def claim(self, offset: int, nbytes: int) -> bool:
         """Mark the slot at ``offset`` used for a block of ``nbytes``, as a re-attached pool's
         journal says it is. False (and nothing changed) when the slot cannot be that: its chunk
@@ -128,7 +141,9 @@ class SlabAllocator:
             return False
         chunk = self._bound.get(index)
         if chunk is None:
-            self._free_chunks.remove(index)
+            for stack in (self._free_chunks, self._cold_chunks):
+                if index in stack:
+                    stack.remove(index)
             chunk = _Chunk(index, size, self.chunk_bytes // size)
             self._bound[index] = chunk
             self._partial.setdefault(size, {})[index] = chunk
@@ -161,7 +176,10 @@ class SlabAllocator:
         if chunk.used == 0:
             del partial[index]
             del self._bound[index]
-            self._free_chunks.append(index)
+            if self._ready is None or index in self._ready:
+                self._free_chunks.append(index)
+            else:
+                self._cold_chunks.append(index)
         else:
             chunk.freed.append(slot)
 
@@ -171,4 +189,4 @@ class SlabAllocator:
         for chunk in self._bound.values():
             used[chunk.slot] = used.get(chunk.slot, 0) + chunk.used
             bound[chunk.slot] = bound.get(chunk.slot, 0) + 1
-        return PoolStats(self.chunk_bytes, self.chunks, len(self._free_chunks), used, bound)
+        return PoolStats(self.chunk_bytes, self.chunks, len(self._free_chunks) + len(self._cold_chunks), used, bound)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pegaflow_core import ConfigError
+from pegaflow_core.sizes import format_size
 
 from . import numa
 
@@ -286,30 +287,39 @@ class PoolFile:
             self._mmap.madvise(mmap.MADV_HUGEPAGE, self.geometry.header_bytes, length)
             notes.append("transparent huge pages")
         if populate:
-            self._populate()
-            notes.append("pre-faulted")
+            self._check_room()
+            notes.append("pre-faulting in the background")
         self.detail = ", ".join(notes)
 
-    def _populate(self) -> None:
-        start, length = self.geometry.header_bytes, self.geometry.data_bytes
-        try:
-            # Reserve the backing pages first: a tmpfs or hugetlbfs that is too small fails here
-            # with ENOSPC instead of with SIGBUS on some later copy.
-            os.posix_fallocate(self._fd, 0, self.geometry.file_bytes)
-        except OSError as exc:
+    def _check_room(self) -> None:
+        """Fail at start, with a clear message, when the file system cannot hold the pool: the
+        pages are reserved chunk by chunk in the background, and a tmpfs that runs out would
+        otherwise surface as SIGBUS in some later copy."""
+        st = os.statvfs(self.path.parent)
+        free = st.f_bavail * st.f_frsize + os.fstat(self._fd).st_blocks * 512
+        if free < self.geometry.file_bytes:
             raise ConfigError(
-                f"could not reserve {self.geometry.file_bytes} bytes for {self.path}: {exc}", path="capacity"
-            ) from exc
+                f"{self.path.parent} has {format_size(free)} free for a pool of {format_size(self.geometry.file_bytes)}; "
+                "lower capacity or enlarge the file system (e.g. mount -o remount,size=... /dev/shm)",
+                path="capacity",
+            )
+
+    def populate_chunk(self, index: int) -> None:
+        """Reserve and fault in the pages of chunk ``index``. Raises OSError (ENOSPC, ENOMEM)
+        when the memory is not there; the tier then keeps serving from the chunks already done."""
+        start = self.geometry.header_bytes + index * self.geometry.chunk_bytes
+        length = self.geometry.chunk_bytes
+        os.posix_fallocate(self._fd, start, length)
         try:
             self._mmap.madvise(_MADV_POPULATE_WRITE, start, length)
             return
         except OSError as exc:
             if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-                raise ConfigError(f"could not pre-fault the pool ({exc}); is there enough memory for it?", path="populate") from exc
+                raise
         # Older kernels: write each page's first byte back to itself, which faults the page in
         # writable without changing what a re-attached pool holds.
-        step = self.geometry.page_size
-        touched = self.array[::step]
+        chunk = self.array[index * length : (index + 1) * length]
+        touched = chunk[:: self.geometry.page_size]
         touched[:] = touched
 
     def _write_header(self) -> None:

@@ -328,7 +328,8 @@ def test_populate_falls_back_to_touching_pages(make_tier: Make, monkeypatch: pyt
 
     monkeypatch.setattr(poolfile, "_MADV_POPULATE_WRITE", 0x7FFF)  # an advice the kernel rejects (EINVAL)
     tier = make_tier()
-    assert "pre-faulted" in tier._pool.detail
+    assert "pre-faulting in the background" in tier._pool.detail
+    assert tier.wait_ready(30)
     assert tier.put([key(0)], [block(0)]) == [True]
 
 
