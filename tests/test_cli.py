@@ -160,7 +160,7 @@ def test_config_show_default_round_trips(capsys: pytest.CaptureFixture[str]) -> 
     status, out, _ = run(capsys, "config", "show")
     assert status == 0
     assert out.startswith("# effective pegaflow config, from <embedded default>\nserver:\n  listen: 127.0.0.1:50055")
-    assert "capacity: auto  # bytes the tier may hold" in out
+    assert "capacity: auto      # bytes the tier may hold" in out
     assert parse_config(out, "shown.yaml") == cli_default()
 
 
