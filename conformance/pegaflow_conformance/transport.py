@@ -36,8 +36,10 @@ class TransportContract:
     pytestmark = pytest.mark.pegaflow_conformance
 
     #: Address on which nothing listens; override for non-TCP transports.
-    def unreachable_address(self) -> str:
-        return f"tcp://127.0.0.1:{_closed_port()}"
+    def unreachable_address(self, like: str | None = None) -> str:
+        """An address where nobody listens, in the scheme of ``like`` (an endpoint's address)."""
+        scheme = (like or "tcp://").partition("://")[0]
+        return f"{scheme}://127.0.0.1:{_closed_port()}"
 
     @pytest.fixture
     def transport_factory(self) -> TransportFactory:
@@ -199,7 +201,7 @@ class TransportContract:
     def test_connect_unreachable(self, pair) -> None:
         a, _ = pair
         with pytest.raises(TransportError):
-            a.connect(self.unreachable_address(), timeout_s=2.0)
+            a.connect(self.unreachable_address(a.address), timeout_s=2.0)
 
     def test_connect_reachable_peer(self, pair) -> None:
         a, b = pair
@@ -209,7 +211,7 @@ class TransportContract:
         a, b = pair
         local = a.register(bytearray(64))
         # A well-formed descriptor (from B) at an address where nothing listens.
-        ghost = RemoteRegion(self.unreachable_address(), b.register(bytearray(64)).descriptor)
+        ghost = RemoteRegion(self.unreachable_address(b.address), b.register(bytearray(64)).descriptor)
         self._fails_with(lambda: a.read([TransferOp(local, 0, ghost, 0, 8)], timeout_s=2.0), TransportError)
 
     def test_closed_peer(self, pair) -> None:
