@@ -10,7 +10,9 @@ and to engine memory are the caller's (the daemon's copier); the stack hands out
 from __future__ import annotations
 
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,6 +59,12 @@ class TierStack:
             metrics.bind_gauge(metrics.tier_blocks.labels(name), lambda t=tier: t.usage().blocks)
             metrics.bind_gauge(metrics.tier_integrity_failures.labels(name), lambda t=tier: t.integrity_failures)
         self.recovered = self._index_recovered()
+        self._write_through = [i for i, (_, t) in enumerate(self.tiers) if i > 0 and getattr(getattr(t, "options", None), "write_through", False)]
+        self._through_queue: queue.SimpleQueue[list[BlockKey] | None] = queue.SimpleQueue()
+        self._through_thread: threading.Thread | None = None
+        if self._write_through:
+            self._through_thread = threading.Thread(target=self._write_through_loop, name="pegaflow-write-through", daemon=True)
+            self._through_thread.start()
 
     def _index_recovered(self) -> int:
         """Index what persistent tiers found at open (a re-attached pool, SSD segments), lowest
@@ -125,6 +133,8 @@ class TierStack:
             with self._lock:
                 self._in_flight.difference_update(keys[i] for i in todo)
         dropped = len(todo) - len(got)
+        if self._write_through and got_keys:
+            self._through_queue.put(got_keys)
         self.metrics.bytes.labels(name, "save").inc(nbytes * len(got))
         self.metrics.blocks.labels(name, "save").inc(len(got))
         self.metrics.deduplicated.inc(already)
@@ -168,7 +178,42 @@ class TierStack:
         moved = sum(len(v) for (_, _, v), ok in zip(batch, stored) if ok)
         self.metrics.bytes.labels(lower_name, "spill").inc(moved)
 
+    def _write_through_loop(self) -> None:
+        """Copy newly saved blocks into the write-through tiers, off the save path. Each block
+        is pinned by a short lease while it is read, so eviction cannot reuse its slot."""
+        name, top = self.top
+        while (keys := self._through_queue.get()) is not None:
+            for key in keys:
+                lease = self.index.acquire([key], 30.0, owner="pegaflow-write-through")
+                try:
+                    if not lease.hits:
+                        continue
+                    view = top.view([key])[0]
+                    if view is None:
+                        continue
+                    for level in self._write_through:
+                        lower_name, lower = self.tiers[level]
+                        try:
+                            if lower.put([key], [view])[0]:
+                                self.index.insert([(key, Location(lower_name, self.node, len(view)))])
+                                self.metrics.bytes.labels(lower_name, "write_through").inc(len(view))
+                        except PegaflowError as exc:
+                            log.warning("write-through of %r to %s failed: %s", key, lower_name, exc)
+                finally:
+                    self.index.release(lease.lease_id)
+
     # -- load ---------------------------------------------------------------------------------
+    def missing_from_top(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
+        """Leased keys whose bytes are only in lower tiers (a load would promote them first)."""
+        present = self.top[1].contains(keys)
+        return [k for k, here in zip(keys, present) if not here]
+
+    def promote(self, keys: Sequence[BlockKey], nbytes: int) -> int:
+        """Bring blocks up from lower tiers into the top tier ahead of a load; return how many
+        arrived. Callers hold a lease on ``keys``."""
+        views = self._promote(list(keys), nbytes)
+        return sum(v is not None for v in views)
+
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str) -> Lease:
         lease = self.index.acquire(keys, ttl_s, owner)
         self.metrics.query_blocks.labels("hit").inc(lease.hits)
@@ -237,6 +282,9 @@ class TierStack:
         return self.index.release(lease_id)
 
     def close(self) -> None:
+        if self._through_thread is not None:
+            self._through_queue.put(None)
+            self._through_thread.join(timeout=30)
         for name, tier in self.tiers:
             try:
                 tier.close()
