@@ -11,13 +11,14 @@ return a ``concurrent.futures.Future`` (usable from threads, and from asyncio th
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 from .backend import Backend
 from .buffers import Buffer
+from .errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -89,3 +90,80 @@ class Transport(Backend, ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# -- helpers for transport authors ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedOp:
+    """A TransferOp checked against both regions: ``local`` is exactly the bytes it moves, and
+    ``remote`` is what the transport's descriptor parser returned ``(nonce, region_id, nbytes)``."""
+
+    index: int
+    local: memoryview
+    address: str
+    remote: tuple[int, int, int]
+    remote_offset: int
+    length: int
+
+
+def plan_ops(
+    ops: Sequence[TransferOp],
+    what: str,
+    local_view: Callable[[Region, str], memoryview],
+    parse_descriptor: Callable[[bytes, str], tuple[int, int, int]],
+    parse_address: Callable[[str, str], Any],
+) -> tuple[list[PlannedOp], dict[str, Any]]:
+    """Validate a batch before anything moves (InvalidArgument naming ``ops[i]``) and return the
+    planned ops plus each peer address parsed once. ``local_view(region, where)`` gives the bytes
+    of a region registered here; ``parse_descriptor`` decodes a peer's region descriptor."""
+    if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
+        raise InvalidArgument(f"{what}: ops must be a sequence of TransferOp, got {type(ops).__name__}")
+    planned: list[PlannedOp] = []
+    peers: dict[str, Any] = {}
+    locals_seen: dict[Region, memoryview] = {}  # one check per region, not per op
+    remotes_seen: dict[RemoteRegion, tuple[int, int, int]] = {}
+    for i, op in enumerate(ops):
+        where = f"ops[{i}]"
+        if not isinstance(op, TransferOp):
+            raise InvalidArgument(f"{where}: expected a TransferOp, got {type(op).__name__}")
+        local = locals_seen.get(op.local) if isinstance(op.local, Region) else None
+        if local is None:
+            local = locals_seen[op.local] = local_view(op.local, where)
+        remote = op.remote
+        described = remotes_seen.get(remote) if isinstance(remote, RemoteRegion) else None
+        if described is None:
+            if not isinstance(remote, RemoteRegion):
+                raise InvalidArgument(f"{where}.remote: expected a RemoteRegion, got {type(remote).__name__}")
+            if remote.address not in peers:
+                peers[remote.address] = parse_address(remote.address, f"{where}.remote.address")
+            described = remotes_seen[remote] = parse_descriptor(remote.descriptor, f"{where}.remote.descriptor")
+        region_id, remote_nbytes = described[1], described[2]
+        length = _non_negative(op.length, f"{where}.length")
+        local_offset = _non_negative(op.local_offset, f"{where}.local_offset")
+        remote_offset = _non_negative(op.remote_offset, f"{where}.remote_offset")
+        if local_offset + length > len(local):
+            raise InvalidArgument(
+                f"{where}: local_offset {local_offset} + length {length} exceeds local region "
+                f"{op.local.region_id} of {len(local)} bytes"
+            )
+        if remote_offset + length > remote_nbytes:
+            raise InvalidArgument(
+                f"{where}: remote_offset {remote_offset} + length {length} exceeds remote region "
+                f"{region_id} of {remote_nbytes} bytes at {remote.address}"
+            )
+        planned.append(PlannedOp(i, local[local_offset : local_offset + length], remote.address, described, remote_offset, length))
+    return planned, peers
+
+
+def check_timeout(timeout_s: Any, what: str) -> float:
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
+        raise InvalidArgument(f"{what}: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def _non_negative(value: Any, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidArgument(f"{what}: expected an integer >= 0, got {value!r}")
+    return value

@@ -39,7 +39,7 @@ from typing import Any
 from pegaflow_core.buffers import Buffer, byte_view
 from pegaflow_core.errors import ClosedError, InvalidArgument, NotFound, TransportError
 from pegaflow_core.hookspecs import Register, hookimpl
-from pegaflow_core.transport import Region, RemoteRegion, TransferOp, Transport
+from pegaflow_core.transport import Region, RemoteRegion, TransferOp, Transport, check_timeout, plan_ops
 
 _REQUEST = struct.Struct("<BxxxIQQQQ")  # op, request id, nonce, region id, offset, length
 _RESPONSE = struct.Struct("<BxxxIQ")  # status, request id, length
@@ -162,7 +162,7 @@ class LoopbackTransport(Transport):
     # -- client side --------------------------------------------------------------------------
     def connect(self, address: str, timeout_s: float = 5.0) -> None:
         host, port = _parse_address(address, "connect(address)")
-        timeout_s = _check_timeout(timeout_s, "connect")
+        timeout_s = check_timeout(timeout_s, "connect")
         with self._lock:
             self._check_open()
             if self._idle.get(address):
@@ -183,47 +183,14 @@ class LoopbackTransport(Transport):
         bounds, addresses, descriptors), then hand the batch to a worker thread; the future
         carries only what the peer alone can tell."""
         name = "read" if op == _READ else "write"
-        timeout_s = _check_timeout(timeout_s, name)
-        if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
-            raise InvalidArgument(f"{name}: ops must be a sequence of TransferOp, got {type(ops).__name__}")
+        timeout_s = check_timeout(timeout_s, name)
         by_peer: dict[str, list[_Op]] = {}
-        dial: dict[str, tuple[str, int]] = {}
-        locals_seen: dict[Region, memoryview] = {}  # one check per region, not per op
-        remotes_seen: dict[RemoteRegion, tuple[int, int, int]] = {}
         with self._lock:
             self._check_open()
-            for i, transfer in enumerate(ops):
-                where = f"ops[{i}]"
-                if not isinstance(transfer, TransferOp):
-                    raise InvalidArgument(f"{where}: expected a TransferOp, got {type(transfer).__name__}")
-                local = locals_seen.get(transfer.local) if isinstance(transfer.local, Region) else None
-                if local is None:
-                    local = locals_seen[transfer.local] = self._local_view(transfer.local, where)
-                remote = transfer.remote
-                described = remotes_seen.get(remote) if isinstance(remote, RemoteRegion) else None
-                if described is None:
-                    if not isinstance(remote, RemoteRegion):
-                        raise InvalidArgument(f"{where}.remote: expected a RemoteRegion, got {type(remote).__name__}")
-                    if remote.address not in dial:
-                        dial[remote.address] = _parse_address(remote.address, f"{where}.remote.address")
-                    described = _parse_descriptor(remote.descriptor, f"{where}.remote.descriptor")
-                    remotes_seen[remote] = described
-                nonce, region_id, remote_nbytes = described
-                length = _check_int(transfer.length, f"{where}.length")
-                local_offset = _check_int(transfer.local_offset, f"{where}.local_offset")
-                remote_offset = _check_int(transfer.remote_offset, f"{where}.remote_offset")
-                if local_offset + length > len(local):
-                    raise InvalidArgument(
-                        f"{where}: local_offset {local_offset} + length {length} exceeds local region "
-                        f"{transfer.local.region_id} of {len(local)} bytes"
-                    )
-                if remote_offset + length > remote_nbytes:
-                    raise InvalidArgument(
-                        f"{where}: remote_offset {remote_offset} + length {length} exceeds remote region "
-                        f"{region_id} of {remote_nbytes} bytes at {remote.address}"
-                    )
-                planned = _Op(i, local[local_offset : local_offset + length], nonce, region_id, remote_offset, length)
-                by_peer.setdefault(remote.address, []).append(planned)
+            planned, dial = plan_ops(ops, name, self._local_view, _parse_descriptor, _parse_address)
+            for p in planned:
+                nonce, region_id, _ = p.remote
+                by_peer.setdefault(p.address, []).append(_Op(p.index, p.local, nonce, region_id, p.remote_offset, p.length))
             if not by_peer:
                 done: Future[None] = Future()
                 done.set_result(None)
@@ -709,18 +676,6 @@ def _parse_descriptor(descriptor: Any, what: str) -> tuple[int, int, int]:
     if magic != _MAGIC:
         raise InvalidArgument(f"{what}: not a loopback region descriptor (magic {magic!r}, expected {_MAGIC!r})")
     return nonce, region_id, nbytes
-
-
-def _check_int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"{what}: expected an integer >= 0, got {value!r}")
-    return value
-
-
-def _check_timeout(timeout_s: Any, what: str) -> float:
-    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
-        raise InvalidArgument(f"{what}: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
-    return float(timeout_s)
 
 
 @hookimpl

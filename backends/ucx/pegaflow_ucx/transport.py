@@ -24,7 +24,7 @@ from typing import Any
 from pegaflow_core.backend import Availability
 from pegaflow_core.buffers import Buffer, byte_view
 from pegaflow_core.errors import ClosedError, InvalidArgument, NotFound, TransportError
-from pegaflow_core.transport import Region, RemoteRegion, TransferOp, Transport
+from pegaflow_core.transport import Region, RemoteRegion, TransferOp, Transport, check_timeout, plan_ops
 
 from . import protocol as P
 from .options import UcxOptions
@@ -104,7 +104,7 @@ class UcxTransport(Transport):
         """Open (or find cached) the connection to ``address``, handshake included. ``timeout_s``
         None means the ``timeout`` option."""
         address, ip, port = P.parse_address(address, "connect(address)")
-        timeout_s = _check_timeout(self.options.timeout if timeout_s is None else timeout_s, "connect")
+        timeout_s = check_timeout(self.options.timeout if timeout_s is None else timeout_s, "connect")
         with self._lock:
             self._check_open()
             future = self._engine.connect(address, ip, port, timeout_s)
@@ -127,48 +127,16 @@ class UcxTransport(Transport):
         from .engine import Batch, Item
 
         name = "read" if op == P.READ else "write"
-        timeout_s = _check_timeout(self.options.timeout if timeout_s is None else timeout_s, name)
-        if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
-            raise InvalidArgument(f"{name}: ops must be a sequence of TransferOp, got {type(ops).__name__}")
+        timeout_s = check_timeout(self.options.timeout if timeout_s is None else timeout_s, name)
         by_peer: dict[str, tuple[str, int, list[Item]]] = {}
-        peers: dict[str, tuple[str, str, int]] = {}
-        locals_seen: dict[Region, memoryview] = {}
-        remotes_seen: dict[RemoteRegion, tuple[int, int, int]] = {}
         with self._lock:
             self._check_open()
-            for i, transfer in enumerate(ops):
-                where = f"ops[{i}]"
-                if not isinstance(transfer, TransferOp):
-                    raise InvalidArgument(f"{where}: expected a TransferOp, got {type(transfer).__name__}")
-                local = locals_seen.get(transfer.local) if isinstance(transfer.local, Region) else None
-                if local is None:
-                    local = locals_seen[transfer.local] = self._local_view(transfer.local, where)
-                remote = transfer.remote
-                described = remotes_seen.get(remote) if isinstance(remote, RemoteRegion) else None
-                if described is None:
-                    if not isinstance(remote, RemoteRegion):
-                        raise InvalidArgument(f"{where}.remote: expected a RemoteRegion, got {type(remote).__name__}")
-                    if remote.address not in peers:
-                        peers[remote.address] = P.parse_address(remote.address, f"{where}.remote.address")
-                    described = P.parse_descriptor(remote.descriptor, f"{where}.remote.descriptor")
-                    remotes_seen[remote] = described
-                nonce, region_id, remote_nbytes = described
-                length = _check_int(transfer.length, f"{where}.length")
-                local_offset = _check_int(transfer.local_offset, f"{where}.local_offset")
-                remote_offset = _check_int(transfer.remote_offset, f"{where}.remote_offset")
-                if local_offset + length > len(local):
-                    raise InvalidArgument(
-                        f"{where}: local_offset {local_offset} + length {length} exceeds local region "
-                        f"{transfer.local.region_id} of {len(local)} bytes"
-                    )
-                if remote_offset + length > remote_nbytes:
-                    raise InvalidArgument(
-                        f"{where}: remote_offset {remote_offset} + length {length} exceeds remote region "
-                        f"{region_id} of {remote_nbytes} bytes at {remote.address}"
-                    )
-                item = Item(i, local[local_offset : local_offset + length], nonce, region_id, remote_offset, length)
-                _, ip, port = peers[remote.address]
-                by_peer.setdefault(remote.address, (ip, port, []))[2].append(item)
+            planned, peers = plan_ops(ops, name, self._local_view, P.parse_descriptor, P.parse_address)
+            for p in planned:
+                nonce, region_id, _ = p.remote
+                _, ip, port = peers[p.address]
+                item = Item(p.index, p.local, nonce, region_id, p.remote_offset, p.length)
+                by_peer.setdefault(p.address, (ip, port, []))[2].append(item)
             future: Future[None] = Future()
             if not by_peer:
                 future.set_result(None)
@@ -282,13 +250,3 @@ def _uct_modules() -> list[str] | None:
     return sorted(names)
 
 
-def _check_int(value: Any, what: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidArgument(f"{what}: expected an integer >= 0, got {value!r}")
-    return value
-
-
-def _check_timeout(timeout_s: Any, what: str) -> float:
-    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not timeout_s > 0:
-        raise InvalidArgument(f"{what}: timeout_s must be a number of seconds > 0, got {timeout_s!r}")
-    return float(timeout_s)
