@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import Backend
@@ -46,6 +46,16 @@ class Lease:
     @property
     def hits(self) -> int:
         return len(self.keys)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A live daemon of the cluster: where its transport listens and the descriptors peers need
+    (e.g. the remote key of its DRAM pool), keyed by transport kind."""
+
+    node_id: str
+    address: str
+    transports: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -103,6 +113,15 @@ class Index(Backend, ABC):
 
     @abstractmethod
     def stats(self) -> IndexStats: ...
+
+    # -- cluster membership (indexes shared by several daemons) ---------------------------------
+    def register_node(self, node_id: str, address: str, transports: dict[str, bytes]) -> None:
+        """Publish this daemon's transport address and descriptors; a one-machine index has no
+        peers to tell, so the default does nothing."""
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        """Live daemons of the cluster by node id; a one-machine index knows none."""
+        return {}
 
     def close(self) -> None:
         """Release resources; the default has none."""

@@ -68,8 +68,9 @@ def _index_fixture(record: Any) -> Callable:
     @pytest.fixture
     def index_factory(self, tmp_path_factory):
         path = tmp_path_factory.mktemp(record.kind)
-        options = _options(record, path, None)
-        return lambda: record.cls(options)
+        _options(record, path, None)  # skips early when the backend cannot be built here
+        # fresh options per index: a shared server (Redis) must not see another test's state
+        return lambda: record.cls(_options(record, path, None))
 
     return index_factory
 
