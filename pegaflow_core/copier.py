@@ -29,14 +29,22 @@ log = logging.getLogger("pegaflow.copier")
 _LIBRARY = Path(__file__).parent / "_native" / "libsegcopy.so"
 
 
-def _load_native() -> Callable[..., None] | None:
+def native_library() -> ctypes.CDLL | None:
+    """The compiled routines (copies, checksums), or None where they were not built."""
     if os.environ.get("PEGAFLOW_NATIVE_COPY", "1") == "0" or not _LIBRARY.exists():
         return None
     try:
-        fn = ctypes.CDLL(str(_LIBRARY)).pegaflow_copy_segments
+        return ctypes.CDLL(str(_LIBRARY))
     except OSError as exc:
-        log.warning("native copy routine unavailable (%s); using numpy copies", exc)
+        log.warning("native routines unavailable (%s); using numpy copies and xxhash", exc)
         return None
+
+
+def _load_native() -> Callable[..., None] | None:
+    lib = native_library()
+    if lib is None:
+        return None
+    fn = lib.pegaflow_copy_segments
     fn.restype = None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     return fn

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .backend import Backend
+from .errors import InvalidArgument
 from .keys import BlockKey
 
 
@@ -131,3 +132,47 @@ class Index(Backend, ABC):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[BlockKey, Location]]:
+    """Validate an insert batch before anything changes; names the position of the bad entry."""
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
+        raise InvalidArgument(
+            f"entries: expected a sequence of (BlockKey, Location) pairs, got {type(entries).__name__}"
+        )
+    items: list[tuple[BlockKey, Location]] = []
+    for i, item in enumerate(entries):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise InvalidArgument(f"entries[{i}]: expected a (BlockKey, Location) pair, got {item!r:.80}")
+        key, location = item
+        if not isinstance(key, BlockKey):
+            raise InvalidArgument(f"entries[{i}][0]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
+        if not isinstance(location, Location):
+            raise InvalidArgument(
+                f"entries[{i}][1]: expected a Location, got {type(location).__name__} {location!r:.60}"
+            )
+        if not isinstance(location.tier, str) or not location.tier or _has_control(location.tier):
+            raise InvalidArgument(
+                f"entries[{i}][1].tier: expected a non-empty tier name without control characters, "
+                f"got {location.tier!r}"
+            )
+        if not isinstance(location.node, str) or _has_control(location.node):
+            raise InvalidArgument(
+                f"entries[{i}][1].node: expected a node id without control characters ('' = this node), "
+                f"got {location.node!r}"
+            )
+        if not isinstance(location.nbytes, int) or isinstance(location.nbytes, bool) or location.nbytes < 0:
+            raise InvalidArgument(f"entries[{i}][1].nbytes: expected an integer >= 0, got {location.nbytes!r}")
+        if location.checksum is not None and (
+            not isinstance(location.checksum, int) or isinstance(location.checksum, bool) or location.checksum < 0
+        ):
+            raise InvalidArgument(
+                f"entries[{i}][1].checksum: expected an integer >= 0 or None, got {location.checksum!r}"
+            )
+        items.append((key, location))
+    return items
+
+
+def _has_control(name: str) -> bool:
+    """Control characters would collide with separators of packed records (Redis, journals)."""
+    return any(ord(ch) < 0x20 for ch in name)

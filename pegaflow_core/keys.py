@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import NamedTuple
 
@@ -80,3 +80,17 @@ def _check_shard(shard: object) -> None:
 def _check_hash(block_hash: object, where: str) -> None:
     if not isinstance(block_hash, bytes) or not 0 < len(block_hash) <= MAX_HASH_BYTES:
         raise InvalidArgument(f"{where}: expected 1..{MAX_HASH_BYTES} bytes, got {block_hash!r:.80}")
+
+
+def check_keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
+    """Validate a batch of keys before anything changes, so bad input corrupts nothing; the one
+    check every tier and index uses (errors name the position: ``keys[2]: expected a BlockKey``)."""
+    if isinstance(keys, BlockKey):  # a BlockKey is itself a tuple: catch the missing brackets
+        raise InvalidArgument(f"{what}: expected a sequence of BlockKey, got a single {keys!r}; wrap it in a list")
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
+        raise InvalidArgument(f"{what}: expected a sequence of BlockKey, got {type(keys).__name__}")
+    out = list(keys)
+    for i, key in enumerate(out):
+        if not isinstance(key, BlockKey):
+            raise InvalidArgument(f"{what}[{i}]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
+    return out

@@ -32,8 +32,8 @@ from typing import Any
 from pegaflow_core.backend import NoOptions
 from pegaflow_core.errors import ClosedError, InvalidArgument
 from pegaflow_core.hookspecs import Register, hookimpl
-from pegaflow_core.index import Index, IndexStats, Lease, Location
-from pegaflow_core.keys import BlockKey
+from pegaflow_core.index import Index, IndexStats, Lease, Location, check_entries
+from pegaflow_core.keys import BlockKey, check_keys
 
 _TierNode = tuple[str, str]
 
@@ -88,7 +88,7 @@ class LocalIndex(Index):
 
     # -- writes -------------------------------------------------------------------------------
     def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
-        items = _check_entries(entries)
+        items = check_entries(entries)
         with self._lock:
             self._check_open()
             for key, location in items:
@@ -108,7 +108,7 @@ class LocalIndex(Index):
                 self._touch(entry)
 
     def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         if tier is not None and not isinstance(tier, str):
             raise InvalidArgument(f"remove: tier must be a tier name or None, got {tier!r}")
         if node is not None and not isinstance(node, str):
@@ -144,7 +144,7 @@ class LocalIndex(Index):
 
     # -- reads --------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             get = self._entries.get
@@ -155,7 +155,7 @@ class LocalIndex(Index):
             return out
 
     def is_pinned(self, keys: Sequence[BlockKey]) -> list[bool]:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             get = self._entries.get
@@ -194,7 +194,7 @@ class LocalIndex(Index):
 
     # -- leases -------------------------------------------------------------------------------
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         if (
             not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool)
             or math.isnan(ttl_s) or ttl_s <= 0
@@ -316,42 +316,6 @@ class LocalIndex(Index):
         proportional to the live leases however fast leases come and go."""
         self._deadlines = [slot for slot in self._deadlines if slot[2] in self._leases]
         heapq.heapify(self._deadlines)
-
-
-def _check_keys(keys: Sequence[BlockKey]) -> Sequence[BlockKey]:
-    """Validate a batch of keys before anything is changed, so bad input corrupts nothing."""
-    if isinstance(keys, BlockKey):  # a BlockKey is itself a tuple: catch the missing brackets
-        raise InvalidArgument(f"keys: expected a sequence of BlockKey, got a single {keys!r}; wrap it in a list")
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
-        raise InvalidArgument(f"keys: expected a sequence of BlockKey, got {type(keys).__name__}")
-    for i, key in enumerate(keys):
-        if type(key) is not BlockKey and not isinstance(key, BlockKey):
-            raise InvalidArgument(f"keys[{i}]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
-    return keys
-
-
-def _check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[BlockKey, Location]]:
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise InvalidArgument(
-            f"entries: expected a sequence of (BlockKey, Location) pairs, got {type(entries).__name__}"
-        )
-    items: list[tuple[BlockKey, Location]] = []
-    for i, item in enumerate(entries):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InvalidArgument(f"entries[{i}]: expected a (BlockKey, Location) pair, got {item!r:.80}")
-        key, location = item
-        if not isinstance(key, BlockKey):
-            raise InvalidArgument(f"entries[{i}][0]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
-        if not isinstance(location, Location):
-            raise InvalidArgument(
-                f"entries[{i}][1]: expected a Location, got {type(location).__name__} {location!r:.60}"
-            )
-        if not isinstance(location.tier, str) or not location.tier:
-            raise InvalidArgument(f"entries[{i}][1].tier: expected a non-empty tier name, got {location.tier!r}")
-        if not isinstance(location.node, str):
-            raise InvalidArgument(f"entries[{i}][1].node: expected a string ('' = this node), got {location.node!r}")
-        items.append((key, location))
-    return items
 
 
 @hookimpl

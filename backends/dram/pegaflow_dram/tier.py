@@ -37,6 +37,9 @@ from pegaflow_core import (
     byte_view,
 )
 from pegaflow_core.buffers import Buffer
+from pegaflow_core.keys import check_keys
+from pegaflow_core.checksum import ALGORITHM as CHECKSUM
+from pegaflow_core.checksum import checksum
 from pegaflow_core.sizes import Size, format_size
 
 from . import numa, pinning
@@ -63,16 +66,6 @@ class _Slot:
         self.dropped = False  # evicted while read: the last reader frees it
         self.checksum = checksum  # xxh3-64 of the bytes once sealed
         self.verified = verified  # False for blocks recovered from a journal until first checked
-
-
-def _keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
-    if isinstance(keys, (str, bytes, BlockKey)):
-        raise InvalidArgument(f"{what}: expected a sequence of BlockKey, got a single {type(keys).__name__}")
-    out = list(keys)
-    for i, key in enumerate(out):
-        if not isinstance(key, BlockKey):
-            raise InvalidArgument(f"{what}[{i}]: expected a BlockKey, got {type(key).__name__}")
-    return out
 
 
 def _same_length(keys: list[BlockKey], buffers: Sequence[Buffer], what: str) -> None:
@@ -193,7 +186,7 @@ class DramTier(Tier):
         """Open the journal beside the named pool; with ``replay``, take back the slots of every
         block it says was sealed (they are verified against their checksum on first read)."""
         path = self._pool.path.with_suffix(".journal")
-        identity = xxhash.xxh64_digest(repr(self._pool.geometry).encode() + self._pool.path.name.encode())
+        identity = xxhash.xxh64_digest(repr(self._pool.geometry).encode() + self._pool.path.name.encode() + CHECKSUM)
         self._journal, sealed = Journal.open(path, identity, replay)
         lost = 0
         for block in sealed:
@@ -220,17 +213,17 @@ class DramTier(Tier):
             pairs = [(k, s) for k in keys if (s := self._stored.get(k)) is not None and s.checksum is None]
             for _, slot in pairs:
                 slot.readers += 1
-        sums = [xxhash.xxh3_64_intdigest(self._data[s.offset : s.offset + s.nbytes]) for _, s in pairs]
+        sums = [checksum(self._data[s.offset : s.offset + s.nbytes]) for _, s in pairs]
         with self._lock:
             sealed = []
-            for (key, slot), checksum in zip(pairs, sums):
+            for (key, slot), digest in zip(pairs, sums):
                 slot.readers -= 1
                 if slot.dropped:
                     if slot.readers == 0:
                         self._alloc.free(slot.offset)
                     continue
-                slot.checksum = checksum
-                sealed.append(SealedBlock(key, slot.offset, slot.nbytes, checksum))
+                slot.checksum = digest
+                sealed.append(SealedBlock(key, slot.offset, slot.nbytes, digest))
             if self._journal is not None:
                 self._journal.seal(sealed)
                 self._journal.maybe_compact(self._sealed_blocks)
@@ -253,7 +246,7 @@ class DramTier(Tier):
             if (slot.verified and not always) or slot.checksum is None:
                 out.append(True)
                 continue
-            ok = xxhash.xxh3_64_intdigest(self._data[slot.offset : slot.offset + slot.nbytes]) == slot.checksum
+            ok = checksum(self._data[slot.offset : slot.offset + slot.nbytes]) == slot.checksum
             out.append(ok)
             if ok:
                 slot.verified = True
@@ -359,7 +352,7 @@ class DramTier(Tier):
 
     # -- Tier: required -----------------------------------------------------------------------
     def put(self, keys: Sequence[BlockKey], blocks: Sequence[Buffer]) -> list[bool]:
-        keys = _keys(keys)
+        keys = check_keys(keys)
         _same_length(keys, blocks, "blocks")
         sources = [byte_view(block, what=f"blocks[{i}]") for i, block in enumerate(blocks)]
         for i, view in enumerate(sources):
@@ -414,7 +407,7 @@ class DramTier(Tier):
             self._sealer.submit([keys[i] for i, _ in writing])
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
-        keys = _keys(keys)
+        keys = check_keys(keys)
         _same_length(keys, dests, "dests")
         targets = [byte_view(dest, writable=True, what=f"dests[{i}]") for i, dest in enumerate(dests)]
         reading: list[tuple[int, _Slot]] = []
@@ -453,13 +446,13 @@ class DramTier(Tier):
         return results
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
-        keys = _keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             return [key in self._stored for key in keys]
 
     def evict(self, keys: Sequence[BlockKey]) -> int:
-        keys = _keys(keys)
+        keys = check_keys(keys)
         dropped = 0
         with self._lock:
             self._check_open()
@@ -513,7 +506,7 @@ class DramTier(Tier):
 
         A key may have one reservation at a time (a second one raises InvalidArgument). Reserving
         a key that is already stored is allowed; at ``commit`` the stored block is kept."""
-        keys = _keys(keys)
+        keys = check_keys(keys)
         if not is_int(nbytes):
             raise InvalidArgument(f"nbytes: expected an integer byte count, got {nbytes!r}")
         self._check_fits(nbytes, "nbytes")
@@ -533,7 +526,7 @@ class DramTier(Tier):
 
     def commit(self, keys: Sequence[BlockKey]) -> None:
         """Make reserved blocks visible. A key not reserved raises InvalidArgument, committing none."""
-        keys = _keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
@@ -555,7 +548,7 @@ class DramTier(Tier):
 
     def abort(self, keys: Sequence[BlockKey]) -> None:
         """Give reserved slots back; keys without a reservation are ignored (abort is cleanup)."""
-        keys = _keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             for key in keys:
@@ -565,7 +558,7 @@ class DramTier(Tier):
 
     def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
         """Read-only views of stored blocks, valid while the caller's lease keeps them stored."""
-        keys = _keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             slots = [self._stored.get(key) for key in keys]
@@ -596,7 +589,7 @@ class DramTier(Tier):
     def locate(self, keys: Sequence[BlockKey]) -> list[tuple[int, int] | None]:
         """``(offset, nbytes)`` in ``buffer()`` of each stored block, ``None`` for a miss. Like a
         ``view``, the location stays valid only while a lease keeps the block from eviction."""
-        keys = _keys(keys)
+        keys = check_keys(keys)
         with self._lock:
             self._check_open()
             out: list[tuple[int, int] | None] = []

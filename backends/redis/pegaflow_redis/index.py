@@ -42,12 +42,12 @@ from urllib.parse import urlsplit, urlunsplit
 from pegaflow_core.backend import Availability
 from pegaflow_core.errors import ClosedError, InvalidArgument, TransportError
 from pegaflow_core.index import Index, IndexStats, Lease, Location
-from pegaflow_core.keys import BlockKey
+from pegaflow_core.keys import BlockKey, check_keys
 
 from . import scripts
 from .options import RedisIndexOptions
 
-from pegaflow_core.index import NodeInfo
+from pegaflow_core.index import NodeInfo, check_entries
 
 log = logging.getLogger("pegaflow.redis")
 
@@ -194,7 +194,7 @@ class RedisIndex(Index):
 
     # -- writes -------------------------------------------------------------------------------
     def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
-        items = _check_entries(entries)
+        items = check_entries(entries)
         self._check_open()
         if not items:
             return
@@ -220,7 +220,7 @@ class RedisIndex(Index):
             self._write("insert", "INSERT", [_pack(encs), GS.join(records)])
 
     def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         if tier is not None and (not isinstance(tier, str) or not tier):
             raise InvalidArgument(f"remove: tier must be a tier name or None, got {tier!r}")
         if node is not None and not isinstance(node, str):
@@ -246,7 +246,7 @@ class RedisIndex(Index):
 
     # -- reads --------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -258,7 +258,7 @@ class RedisIndex(Index):
         return list(map(self._decode, reply.split(GS)))
 
     def is_pinned(self, keys: Sequence[BlockKey]) -> list[bool]:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         self._check_open()
         if not keys:
             return []
@@ -288,7 +288,7 @@ class RedisIndex(Index):
 
     # -- leases -------------------------------------------------------------------------------
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         if (
             not isinstance(ttl_s, (int, float)) or isinstance(ttl_s, bool)
             or math.isnan(ttl_s) or math.isinf(ttl_s) or ttl_s <= 0
@@ -610,49 +610,3 @@ def _safe_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _check_keys(keys: Sequence[BlockKey]) -> Sequence[BlockKey]:
-    """Validate a batch before anything is sent, so bad input changes nothing."""
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
-        raise InvalidArgument(f"keys: expected a sequence of BlockKey, got {type(keys).__name__}")
-    for i, key in enumerate(keys):
-        if not isinstance(key, BlockKey):
-            raise InvalidArgument(f"keys[{i}]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
-    return keys
-
-
-def _check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[BlockKey, Location]]:
-    if isinstance(entries, (str, bytes)) or not isinstance(entries, Sequence):
-        raise InvalidArgument(
-            f"entries: expected a sequence of (BlockKey, Location) pairs, got {type(entries).__name__}"
-        )
-    items: list[tuple[BlockKey, Location]] = []
-    for i, item in enumerate(entries):
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise InvalidArgument(f"entries[{i}]: expected a (BlockKey, Location) pair, got {item!r:.80}")
-        key, location = item
-        if not isinstance(key, BlockKey):
-            raise InvalidArgument(f"entries[{i}][0]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
-        if not isinstance(location, Location):
-            raise InvalidArgument(
-                f"entries[{i}][1]: expected a Location, got {type(location).__name__} {location!r:.60}"
-            )
-        if not isinstance(location.tier, str) or not location.tier or _has_control(location.tier):
-            raise InvalidArgument(
-                f"entries[{i}][1].tier: expected a non-empty tier name without control characters, "
-                f"got {location.tier!r}"
-            )
-        if not isinstance(location.node, str) or _has_control(location.node):
-            raise InvalidArgument(
-                f"entries[{i}][1].node: expected a node id without control characters ('' = this node), "
-                f"got {location.node!r}"
-            )
-        if not isinstance(location.nbytes, int) or isinstance(location.nbytes, bool) or location.nbytes < 0:
-            raise InvalidArgument(f"entries[{i}][1].nbytes: expected an integer >= 0, got {location.nbytes!r}")
-        if location.checksum is not None and (
-            not isinstance(location.checksum, int) or isinstance(location.checksum, bool) or location.checksum < 0
-        ):
-            raise InvalidArgument(
-                f"entries[{i}][1].checksum: expected an integer >= 0 or None, got {location.checksum!r}"
-            )
-        items.append((key, location))
-    return items
