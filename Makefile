@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/redis -e backends/ucx -e conformance
+WORKSPACE := -e . -e backends/dram -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e conformance
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean

@@ -30,7 +30,6 @@ from .contexts import ContextTable, EngineContext, EngineRegion
 from .copier import HostCopier
 from .errors import CapacityError, InvalidArgument, NotFound, PegaflowError
 from .index import Lease
-from .keys import BlockKey
 from .layout import KVLayout, Plane
 from .metrics import Metrics
 from .shm import SharedRegion, reap_orphans
@@ -89,7 +88,6 @@ class Servicer(pb_grpc.PegaflowServicer):
         self.copier = HostCopier()
         self.contexts = ContextTable()
         self.leases: dict[str, Lease] = {}
-        self.promoting: set[BlockKey] = set()  # blocks being promoted for a Query that answered "loading"
         self.sessions: dict[str, int] = {}
         self.daemon_id = secrets.token_hex(8)
         self.started = time.monotonic()
@@ -238,19 +236,10 @@ class Servicer(pb_grpc.PegaflowServicer):
         """If some hit blocks are only in lower tiers (SSD), promote them in the background and
         answer "loading", so the engine asks again instead of blocking a step on the disk. The
         lease keeps them pinned meanwhile; a Load before it finishes promotes synchronously."""
-        missing = [k for k in self.stack.missing_from_top(lease.keys) if k not in self.promoting]
-        if not missing:
-            return any(k in self.promoting for k in lease.keys)
-        self.promoting.update(missing)
-
-        def promote() -> None:
-            try:
-                self.stack.promote(missing, nbytes)
-            finally:
-                self.promoting.difference_update(missing)
-
-        self.executor.submit(promote)
-        return True
+        missing = self.stack.missing_from_top(lease.keys)
+        if missing:
+            self.executor.submit(self.stack.promote, missing, nbytes)  # the stack promotes each block once
+        return bool(missing)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
         start = time.perf_counter()

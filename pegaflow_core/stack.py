@@ -25,6 +25,7 @@ from .tier import Tier
 log = logging.getLogger("pegaflow.stack")
 
 Fill = Callable[[list[int], list[memoryview]], None]
+PROMOTION_WAIT_S = 30.0  # a load waiting on another thread's promotion of the same block
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class TierStack:
         self.metrics = metrics
         self.node = node
         self._lock = threading.Lock()
-        self._in_flight: set[BlockKey] = set()
+        self._in_flight: set[BlockKey] = set()  # being saved
+        self._promoting: dict[BlockKey, threading.Event] = {}  # being promoted, set when done
         self._block_bytes: dict[str, int] = {}
         for name, tier in self.tiers:
             metrics.bind_gauge(metrics.tier_capacity.labels(name), lambda t=tier: t.usage().capacity_bytes)
@@ -68,17 +70,25 @@ class TierStack:
 
     def _index_recovered(self) -> int:
         """Index what persistent tiers found at open (a re-attached pool, SSD segments), lowest
-        tier first so that the fastest copy is the most recently used one."""
+        tier first so that the fastest copy is the most recently used one. A tier still
+        rebuilding in the background is indexed by a thread once it is done."""
         total = 0
         for name, tier in reversed(self.tiers):
-            found = tier.recovered()
-            if found:
-                self.index.insert([(key, Location(name, self.node, nbytes)) for key, nbytes in found])
+            if tier.warming and tier.capabilities.persistent:
+                threading.Thread(target=self._index_tier, args=(name, tier), name=f"pegaflow-recover-{name}", daemon=True).start()
+            else:
+                total += self._index_tier(name, tier)
+        return total
+
+    def _index_tier(self, name: str, tier: Tier) -> int:
+        found = tier.recovered()
+        if found:
+            self.index.insert([(key, Location(name, self.node, nbytes)) for key, nbytes in found])
+            with self._lock:
                 for key, nbytes in found:
                     self._block_bytes.setdefault(key.namespace, nbytes)
-                log.info("tier %s: %d blocks recovered and indexed", name, len(found))
-                total += len(found)
-        return total
+            log.info("tier %s: %d blocks recovered and indexed", name, len(found))
+        return len(found)
 
     @property
     def top(self) -> tuple[str, Tier]:
@@ -167,6 +177,11 @@ class TierStack:
         batch = [(k, locs, v) for (k, locs), v in zip(todo, views) if v is not None]
         try:
             stored = lower.put([k for k, _, _ in batch], [v for _, _, v in batch])
+            full = [i for i, ok in enumerate(stored) if not ok]
+            if full and self.make_room(level + 1, len(full)):  # the lower tier is full: its LRU go
+                retry = lower.put([batch[i][0] for i in full], [batch[i][2] for i in full])
+                for i, ok in zip(full, retry):
+                    stored[i] = ok
         except PegaflowError as exc:
             log.warning("spill from %s to %s failed: %s", name, lower_name, exc)
             return
@@ -239,18 +254,26 @@ class TierStack:
         return views
 
     def _promote(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
-        """Copy blocks held only in lower tiers into the top tier. A block another thread is
-        promoting right now is answered ``None`` (a miss for this load) rather than waited for."""
+        """Copy blocks held only in lower tiers into the top tier and return their views. A block
+        another thread is promoting already (a Query that answered "loading") is waited for, not
+        copied twice; ``None`` marks a block no tier could deliver."""
+        done = threading.Event()
         with self._lock:
-            mine = [k not in self._in_flight for k in keys]
-            self._in_flight.update(k for k, m in zip(keys, mine) if m)
+            waits = {self._promoting[k] for k in keys if k in self._promoting}
+            mine = [k for k in keys if k not in self._promoting]
+            for key in mine:
+                self._promoting[key] = done
         try:
-            claimed = [k for k, m in zip(keys, mine) if m]
-            promoted = iter(self._promote_claimed(claimed, nbytes) if claimed else [])
-            return [next(promoted) if m else None for m in mine]
+            if mine:
+                self._promote_claimed(mine, nbytes)
         finally:
             with self._lock:
-                self._in_flight.difference_update(k for k, m in zip(keys, mine) if m)
+                for key in mine:
+                    del self._promoting[key]
+            done.set()
+        for event in waits:
+            event.wait(PROMOTION_WAIT_S)
+        return self.top[1].view(keys)
 
     def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
         name, top = self.top
