@@ -91,6 +91,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         self.sessions: dict[str, int] = {}
         self.daemon_id = secrets.token_hex(8)
         self.started = time.monotonic()
+        self.degraded: list[str] = []
         metrics.bind_gauge(metrics.contexts, lambda: len(self.contexts))
         metrics.bind_gauge(metrics.sessions, lambda: len(self.sessions))
         metrics.bind_gauge(metrics.leases, lambda: self.stack.index.stats().leases)
@@ -104,7 +105,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         return pb.HealthResponse(
             status="serving", daemon_id=self.daemon_id, version=__version__,
             node=self.config.server.node, uptime_s=time.monotonic() - self.started,
-            warming=any(tier.warming for _, tier in self.stack.tiers),
+            warming=any(tier.warming for _, tier in self.stack.tiers), degraded=self.degraded,
         )
 
     async def Session(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvent]:
@@ -208,6 +209,10 @@ class Servicer(pb_grpc.PegaflowServicer):
         block_ids = list(request.block_ids)
         ctx.layout.check_block_ids(block_ids)
         keys = ctx.keys(request.block_hashes)
+
+        if all(self.stack.index.lookup(keys)):  # every block is stored already: no copy, no thread hop
+            self.metrics.deduplicated.inc(len(keys))
+            return pb.SaveResponse(already_present=len(keys))
 
         def fill(positions: list[int], views: list[memoryview]) -> None:
             self.copier.gather(ctx.layout, ctx.regions, [block_ids[p] for p in positions], views)
@@ -351,10 +356,18 @@ class Daemon:
     def __init__(self, config: DaemonConfig) -> None:
         self.config = config
         self.metrics = Metrics()
+        self.degraded: list[str] = []  # lower tiers that could not be opened: served without them
         tiers = []
         try:
-            for component in config.tiers:
-                tiers.append((component.name, component.build()))
+            for position, component in enumerate(config.tiers):
+                try:
+                    tiers.append((component.name, component.build()))
+                except PegaflowError as exc:
+                    if position == 0:
+                        raise  # nothing to serve from without the top tier
+                    message = f"{config.source}: {component.path} ({component.kind} {component.name!r}) is unavailable: {exc}"
+                    log.error("%s; serving without it", message)
+                    self.degraded.append(message)
             index = config.index.build()
         except BaseException:
             for _, tier in tiers:
@@ -363,6 +376,7 @@ class Daemon:
         self.stack = TierStack(tiers, index, self.metrics, node="")
         self.executor = ThreadPoolExecutor(8, thread_name_prefix="pegaflow-rpc")
         self.servicer = Servicer(config, self.stack, self.metrics, self.executor)
+        self.servicer.degraded = self.degraded
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_address: tuple[str, int] | None = None

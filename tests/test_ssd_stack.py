@@ -88,3 +88,24 @@ def test_a_flipped_bit_on_the_ssd_is_a_recomputed_miss(tmp_path):
         text = client.stats()
         assert any(t.name == "ssd" for t in text.tiers)
         engine.close()
+
+
+def test_an_ssd_that_cannot_be_opened_leaves_the_daemon_serving_from_dram(tmp_path, capsys):
+    from pegaflow_core.cli import main
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the SSD directory should be")
+    text = f"""
+index: {{kind: local}}
+tiers:
+  - {{kind: dram, capacity: 1mb, chunk: 256kb}}
+  - {{kind: ssd, path: '{blocker}', capacity: 32mb, segment_size: 4mb}}
+"""
+    with DaemonProcess(text) as daemon, PegaflowClient(daemon.endpoint) as client:
+        assert "tiers[1] (ssd 'ssd') is unavailable" in client.health().degraded[0]
+        engine = SimulatedEngine(client, SMALL, model="degraded")
+        engine.prefill(prompt(1))
+        assert engine.prefill(prompt(1), verify=True).hit_blocks == 30
+        engine.close()
+        assert main(["status", "--endpoint", daemon.endpoint]) == 0
+        assert "DEGRADED" in capsys.readouterr().out

@@ -31,11 +31,14 @@ def run(args: argparse.Namespace) -> int:
         "index_blocks": stats.index_blocks, "pinned_blocks": stats.pinned_blocks, "leases": stats.leases,
         "contexts": stats.contexts, "sessions": stats.sessions,
         "hit_rate": hits / (hits + misses) if hits + misses else None, "counters": counters,
+        "degraded": list(health.degraded), "warming": health.warming,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"pegaflow {health.version} on {health.node} at {args.endpoint}  (daemon {stats.daemon_id}, up {stats.uptime_s:.0f}s)")
+    for problem in health.degraded:
+        print(f"  DEGRADED: {problem}")
     for t in stats.tiers:
         share = 100.0 * t.used_bytes / t.capacity_bytes if t.capacity_bytes else 0.0
         print(f"  tier {t.name:<8} {t.kind:<8} {format_size(t.used_bytes):>10} / {format_size(t.capacity_bytes):<10} ({share:4.1f}%)  {t.blocks} blocks")
