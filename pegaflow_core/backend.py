@@ -44,3 +44,25 @@ class Backend:
         backend cannot be built without outside help; its contracts are then skipped with that reason.
         """
         return None
+
+
+def check_options(options: Any) -> None:
+    """Run the per-field ``check`` callables of an Options dataclass (its fields' metadata) for
+    options built in code; the config loader runs the same checks key by key for YAML. Call it
+    from ``__post_init__``. A check raises ValueError("expected ..., got ...")."""
+    from dataclasses import fields
+
+    from .errors import InvalidArgument
+
+    for f in fields(options):
+        check = f.metadata.get("check")
+        if check is not None:
+            try:
+                check(getattr(options, f.name))
+            except ValueError as exc:
+                raise InvalidArgument(f"{f.name}: {exc}") from None
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML's true/false must never pass for a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -7,11 +7,12 @@ same checks for options built in code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pegaflow_core import ConfigError, InvalidArgument
+from pegaflow_core import ConfigError
+from pegaflow_core.backend import check_options, is_int
 from pegaflow_core.sizes import Size
 
 from .pool import PAGE
@@ -108,18 +109,8 @@ class DramOptions:
     )
 
     def __post_init__(self) -> None:
-        # The config loader runs the same checks per key; this catches options built in code.
-        for f in fields(self):
-            check = f.metadata.get("check")
-            if check is not None:
-                try:
-                    check(getattr(self, f.name))
-                except ValueError as exc:
-                    raise InvalidArgument(f"{f.name}: {exc}") from None
+        check_options(self)  # the loader runs the same checks per key; this covers options built in code
 
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def mem_available() -> int:

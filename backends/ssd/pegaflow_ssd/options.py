@@ -7,10 +7,11 @@ same checks (and the cross-field ones) for options built in code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pegaflow_core import InvalidArgument
+from pegaflow_core.backend import check_options, is_int
 from pegaflow_core.sizes import Size, format_size
 
 from .format import PAGE
@@ -19,9 +20,6 @@ MIB = 1 << 20
 MAX_QUEUE_DEPTH = 1024
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
 
 def _check_path(value: str) -> None:
     if not isinstance(value, str) or not value.strip():
@@ -29,17 +27,17 @@ def _check_path(value: str) -> None:
 
 
 def _check_capacity(value: int) -> None:
-    if not _is_int(value) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise ValueError(f"expected a size above 0 like '1tb', got {value!r}")
 
 
 def _check_segment_size(value: int) -> None:
-    if not _is_int(value) or value < 2 * PAGE or value % PAGE:
+    if not is_int(value) or value < 2 * PAGE or value % PAGE:
         raise ValueError(f"expected a multiple of {PAGE} bytes of at least {2 * PAGE} like '256mb', got {value!r}")
 
 
 def _check_queue_depth(value: int) -> None:
-    if not _is_int(value) or not 1 <= value <= MAX_QUEUE_DEPTH:
+    if not is_int(value) or not 1 <= value <= MAX_QUEUE_DEPTH:
         raise ValueError(f"expected an integer from 1 to {MAX_QUEUE_DEPTH}, got {value!r}")
 
 
@@ -90,13 +88,7 @@ class SsdOptions:
     )
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            check = f.metadata.get("check")
-            if check is not None:
-                try:
-                    check(getattr(self, f.name))
-                except ValueError as exc:
-                    raise InvalidArgument(f"{f.name}: {exc}") from None
+        check_options(self)  # the loader runs the same checks per key; this covers options built in code
         if self.capacity < 2 * self.segment_size:
             raise InvalidArgument(
                 f"capacity: {format_size(self.capacity)} holds fewer than two segments of "
