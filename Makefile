@@ -18,8 +18,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pegaflow demo
 
+VLLM_VENV := .venv-vllm
+
+# The whole suite: every workspace package in .venv, then the vLLM connector against the real
+# vLLM package in its own venv (vLLM pins its own torch; it never shares .venv).
 test: $(STAMP)
 	$(PY) -m pytest
+	connectors/vllm/setup-test-env.sh $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pytest connectors/vllm
 
 clean:
-	rm -rf $(VENV) pegaflow_core/_proto build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info
