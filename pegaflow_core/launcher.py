@@ -47,7 +47,7 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pegaflow_core", "serve", *self.args, *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
         )
         log.close()
         client = PegaflowClient(self.endpoint, timeout_s=1.0, description="launcher")
@@ -96,6 +96,15 @@ class DaemonProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the launching thread's process dies, so a killed test run or
+    demo never leaves daemons behind (its own session keeps terminal signals away from it)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
 def _with_listen(config_yaml: str, endpoint: str) -> tuple[str, str]:

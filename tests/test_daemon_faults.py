@@ -109,3 +109,25 @@ def test_daemon_restart_clients_reregister_transparently(tmp_path):
         engine.close()
         client.close()
         second.close()
+
+
+def test_a_killed_launcher_takes_its_daemon_with_it():
+    code = (
+        "from pegaflow_core.launcher import DaemonProcess\n"
+        "d = DaemonProcess('tiers: [{kind: dram, capacity: 8mb, chunk: 1mb}]').start()\n"
+        "print(d.proc.pid, flush=True)\n"
+        "import time; time.sleep(60)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    daemon_pid = int(launcher.stdout.readline())
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+
+    def gone() -> bool:
+        try:
+            os.kill(daemon_pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(gone)
