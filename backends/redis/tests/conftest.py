@@ -7,16 +7,13 @@ The session server backs the contract and cluster tests; resilience tests start 
 from __future__ import annotations
 
 import secrets
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # for redis_testing (see its docstring)
-
-from redis_testing import FAST, REDIS_SERVER, RedisServer  # noqa: E402
+from pegaflow_redis.testing import FAST, REDIS_SERVER, RedisServer
 
 from pegaflow_redis import RedisIndex, RedisIndexOptions  # noqa: E402
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from redis_testing import FAST, NODE_LEASE_TTL, node_keys
+from pegaflow_redis.testing import FAST, NODE_LEASE_TTL, node_keys
 
 from pegaflow_core.index import Location
 from pegaflow_redis import RedisIndex, RedisIndexOptions

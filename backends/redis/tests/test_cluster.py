@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_testing import FAST, NODE_KEYS as KEYS, NODE_LEASE_TTL as LEASE_TTL, node_keys, wait_for
+from pegaflow_redis.testing import FAST, NODE_KEYS as KEYS, NODE_LEASE_TTL as LEASE_TTL, node_keys, wait_for
 
 from pegaflow_core.errors import InvalidArgument
 from pegaflow_core.index import IndexStats, Location

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from redis_testing import CuttableProxy, free_port, wait_for
+from pegaflow_redis.testing import CuttableProxy, free_port, wait_for
 
 from pegaflow_core.errors import TransportError
 from pegaflow_core.index import IndexStats, Location

@@ -1,5 +1,5 @@
-"""Helpers shared by the redis tests and node_process.py (a plain module: the repo runs pytest
-with --import-mode=importlib, where test files cannot import each other)."""
+"""A real redis-server for tests (this package's and any other cluster test): started on a free
+loopback port with its own directory, no persistence; plus small helpers those tests share."""
 
 from __future__ import annotations
 
