@@ -24,16 +24,19 @@ import grpc
 from . import __version__
 from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
+from .checksum import checksum
 from .config import DaemonConfig
 from . import cma
 from .contexts import ContextTable, EngineContext, EngineRegion
 from .copier import HostCopier
-from .errors import CapacityError, InvalidArgument, NotFound, PegaflowError
+from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, PegaflowError
 from .index import Lease
+from .keys import BlockKey
 from .layout import KVLayout, Plane
 from .metrics import Metrics
 from .shm import SharedRegion, reap_orphans
 from .stack import TierStack
+from .tier import StackContext
 
 log = logging.getLogger("pegaflow.daemon")
 
@@ -210,7 +213,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         ctx.layout.check_block_ids(block_ids)
         keys = ctx.keys(request.block_hashes)
 
-        if all(self.stack.index.lookup(keys)):  # every block is stored already: no copy, no thread hop
+        if all(any(loc.node == "" for loc in locs) for locs in self.stack.index.lookup(keys)):
+            # every block is stored on this node already: no copy, no thread hop
             self.metrics.deduplicated.inc(len(keys))
             return pb.SaveResponse(already_present=len(keys))
 
@@ -337,6 +341,28 @@ class Servicer(pb_grpc.PegaflowServicer):
             contexts=len(self.contexts), sessions=len(self.sessions), counters=self.metrics.counters(),
         )
 
+    # -- peers --------------------------------------------------------------------------------
+    @_rpc
+    async def Pin(self, request: pb.PinRequest, context: grpc.aio.ServicerContext) -> pb.PinResponse:
+        keys = [BlockKey(b.namespace, b.block_hash, b.shard) for b in request.blocks]
+        ttl = request.lease_ttl_s or self.config.server.lease_ttl
+        return await self._offload(self._pin, keys, ttl, f"peer:{request.requester}")
+
+    def _pin(self, keys: list[BlockKey], ttl: float, owner: str) -> pb.PinResponse:
+        """Pin what this node holds of ``keys`` and say where it is. The checksum is taken from
+        the bytes now, so the peer detects anything that changes them before they arrive."""
+        lease = self.stack.index.acquire(keys, ttl, owner)
+        _, top = self.stack.top
+        located = top.locate(keys) if hasattr(top, "locate") else [None] * len(keys)
+        views = top.view(keys)
+        offsets, sizes, sums = [], [], []
+        for where, view in zip(located, views):
+            held = where is not None and view is not None
+            offsets.append(where[0] if held else -1)
+            sizes.append(where[1] if held else 0)
+            sums.append(checksum(view) if held else 0)
+        return pb.PinResponse(lease_id=lease.lease_id, offsets=offsets, nbytes=sizes, checksums=sums)
+
     # -- housekeeping -------------------------------------------------------------------------
     def expire(self) -> None:
         now = time.monotonic()
@@ -374,6 +400,7 @@ class Daemon:
                 tier.close()
             raise
         self.stack = TierStack(tiers, index, self.metrics, node="")
+        self.transport, self.pool_region = self._connect_cluster(config, index, tiers)
         self.executor = ThreadPoolExecutor(8, thread_name_prefix="pegaflow-rpc")
         self.servicer = Servicer(config, self.stack, self.metrics, self.executor)
         self.servicer.degraded = self.degraded
@@ -381,6 +408,42 @@ class Daemon:
         self.port = 0
         self.metrics_address: tuple[str, int] | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _connect_cluster(config: DaemonConfig, index: Any, tiers: list[tuple[str, Any]]) -> tuple[Any, Any]:
+        """Build the transport (if configured), register the top tier's pool with it once, and
+        hand every tier what it may need (a remote tier needs all of it)."""
+        node = config.server.node
+        index_node = getattr(index, "node", None)
+        if index_node not in (None, node):
+            raise ConfigError(
+                f"the index's node id {index_node!r} differs from server.node {node!r}: set both to this "
+                "machine's id, or this daemon's blocks are published under another node",
+                file=config.source, path="index.node",
+            )
+        top = tiers[0][1]
+        transport = pool_region = None
+        if config.transport is not None:
+            if not hasattr(top, "buffer"):
+                raise ConfigError(f"tiers[0] ({top.kind}) has no pool buffer a transport could serve to peers",
+                                  file=config.source, path="transport")
+            transport = config.transport.build()
+            pool_region = transport.register(top.buffer())
+        context = StackContext(node=node, index=index, top=top, transport=transport, pool_region=pool_region)
+        for _, tier in tiers:
+            tier.attach(context)
+        return transport, pool_region
+
+    def _publish_node(self) -> None:
+        """Tell the cluster index where this daemon and its pool are (no-op for a local index)."""
+        if self.transport is None:
+            return
+        host = self.config.server.listen.rpartition(":")[0]
+        kind = self.config.transport.kind
+        self.stack.index.register_node(self.config.server.node, f"{host}:{self.port}", {
+            f"{kind}.address": self.transport.address.encode(),
+            f"{kind}.pool": self.pool_region.descriptor,
+        })
 
     async def start(self) -> None:
         reap_orphans()
@@ -397,6 +460,7 @@ class Daemon:
         await self.server.start()
         if self.config.server.metrics:
             self.metrics_address = self.metrics.serve(self.config.server.metrics)
+        self._publish_node()
         self._housekeeping = asyncio.create_task(self._housekeep())
         host = listen.rpartition(":")[0]
         log.info("pegaflow %s serving on %s:%d (tiers: %s; metrics: %s)", __version__, host, self.port,
@@ -419,6 +483,8 @@ class Daemon:
             await self.server.stop(grace)
         self.servicer.close()
         self.executor.shutdown(wait=True)
+        if self.transport is not None:
+            self.transport.close()
         self.stack.close()
         self.metrics.close()
 

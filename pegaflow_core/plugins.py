@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "pegaflow_core.default_plugins.local_index",
     "pegaflow_core.default_plugins.loopback",
     "pegaflow_core.default_plugins.benchmarks",
+    "pegaflow_core.default_plugins.remote",
     "pegaflow_core.default_plugins.faulty",
 )
 

@@ -109,7 +109,9 @@ class TierStack:
     def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill) -> SaveOutcome:
         """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
         block for ``keys[positions[i]]`` into ``views[i]``; nothing is visible before it returns."""
-        present = [bool(locs) for locs in self.index.lookup(keys)]
+        # stored once per node: a copy on another node does not stop this one keeping its own
+        local = ("", self.node)
+        present = [any(loc.node in local for loc in locs) for locs in self.index.lookup(keys)]
         todo: list[int] = []
         with self._lock:
             for i, key in enumerate(keys):

@@ -16,12 +16,16 @@ import enum
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .backend import Backend
 from .buffers import Buffer
 from .errors import PluginError
 from .keys import BlockKey
+
+if TYPE_CHECKING:
+    from .index import Index
+    from .transport import Region, Transport
 
 
 class MemoryKind(enum.Enum):
@@ -45,6 +49,19 @@ class TierUsage:
     capacity_bytes: int
     used_bytes: int
     blocks: int
+
+
+@dataclass(frozen=True)
+class StackContext:
+    """What a tier may need from the daemon beyond its options, handed over once by ``attach``:
+    a remote tier reads the cluster index and moves bytes with the transport into the top tier's
+    pool, which the daemon registered with that transport as ``pool_region``."""
+
+    node: str
+    index: Index
+    top: Tier
+    transport: Transport | None = None
+    pool_region: Region | None = None
 
 
 class Tier(Backend, ABC):
@@ -89,6 +106,9 @@ class Tier(Backend, ABC):
     @abstractmethod
     def close(self) -> None:
         """Release resources. Persistent tiers keep their contents for the next open."""
+
+    def attach(self, context: StackContext) -> None:
+        """Called once by the daemon after every component is built; most tiers need nothing."""
 
     # -- capability: persistent ----------------------------------------------------------------
     def recovered(self) -> list[tuple[BlockKey, int]]:

@@ -1,0 +1,187 @@
+"""Built-in plugin: the ``remote`` tier — other nodes' DRAM pools, as a tier below this node's.
+
+A local miss that the cluster index places on another node is fetched from that node's pool over
+the configured transport, straight into the slot this node's top tier reserved for it:
+
+1. ``index.lookup`` says which node holds each block; ``index.nodes()`` says where that node's
+   daemon and its registered pool are (published by the owner at start);
+2. the owner's ``Pin`` RPC pins the blocks for the transfer and answers their pool offsets and
+   checksums (taken from the bytes at that moment);
+3. one batched ``transport.read`` per owner moves the bytes; each block is checked against the
+   owner's checksum, so a flipped bit or a block the owner lost meanwhile is a miss, never served;
+4. ``Release`` ends the pin (it also expires by itself if this node dies first).
+
+The tier stores nothing itself: ``put`` answers ``False`` (blocks are published where they are
+saved, not pushed to peers) and it holds no capacity.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import grpc
+import numpy as np
+
+from pegaflow_core._proto import pegaflow_pb2 as pb
+from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
+from pegaflow_core.buffers import Buffer, byte_view
+from pegaflow_core.checksum import checksum
+from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
+from pegaflow_core.hookspecs import Register, hookimpl
+from pegaflow_core.keys import BlockKey, check_keys
+from pegaflow_core.sizes import Duration
+from pegaflow_core.tier import MemoryKind, StackContext, Tier, TierCapabilities, TierUsage
+from pegaflow_core.transport import RemoteRegion, TransferOp
+
+log = logging.getLogger("pegaflow.remote")
+
+
+@dataclass(frozen=True)
+class RemoteOptions:
+    timeout: Duration = field(default=Duration(5.0), metadata={"help": "how long one peer may take to pin and send a batch"})
+    lease_ttl: Duration = field(default=Duration(30.0), metadata={"help": "how long a peer keeps blocks pinned for us at most"})
+
+
+class RemoteTier(Tier):
+    kind: ClassVar[str] = "remote"
+    Options: ClassVar[type] = RemoteOptions
+    capabilities: ClassVar[TierCapabilities] = TierCapabilities(memory=frozenset({MemoryKind.HOST}))
+
+    def __init__(self, options: RemoteOptions | None = None) -> None:
+        self.options = options or RemoteOptions()
+        self.integrity_failures = 0
+        self._context: StackContext | None = None
+        self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.PegaflowStub]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def attach(self, context: StackContext) -> None:
+        if context.transport is None or context.pool_region is None:
+            raise PegaflowError("tier 'remote' needs a transport: add e.g. `transport: {kind: loopback}` to the config")
+        self._context = context
+
+    # -- Tier ---------------------------------------------------------------------------------
+    def put(self, keys: Sequence[BlockKey], blocks: Sequence[Buffer]) -> list[bool]:
+        self._check_open()
+        return [False] * len(check_keys(keys))
+
+    def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
+        self._check_open()
+        return [bool(self._owners(locs)) for locs in self._ctx().index.lookup(check_keys(keys))]
+
+    def evict(self, keys: Sequence[BlockKey]) -> int:
+        self._check_open()
+        check_keys(keys)
+        return 0
+
+    def usage(self) -> TierUsage:
+        self._check_open()
+        return TierUsage(0, 0, 0)
+
+    def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
+        self._check_open()
+        keys = check_keys(keys)
+        if len(keys) != len(dests):
+            raise InvalidArgument(f"dests: expected one buffer per key ({len(keys)}), got {len(dests)}")
+        targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
+        context = self._ctx()
+        by_owner: dict[str, list[int]] = {}
+        for i, locs in enumerate(context.index.lookup(keys)):
+            owners = self._owners(locs)
+            if owners:
+                by_owner.setdefault(owners[0], []).append(i)
+        results = [False] * len(keys)
+        if not by_owner:
+            return results
+        nodes = context.index.nodes()
+        for owner, positions in by_owner.items():
+            info = nodes.get(owner)
+            if info is None:
+                log.info("remote: node %s holds %d blocks but is not live; they are misses", owner, len(positions))
+                continue
+            try:
+                for i, ok in zip(positions, self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions])):
+                    results[i] = ok
+            except (PegaflowError, grpc.RpcError) as exc:
+                log.warning("remote: fetching %d blocks from %s failed (%s); they are misses", len(positions), owner, exc)
+        return results
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            stubs, self._stubs = self._stubs, {}
+        for channel, _ in stubs.values():
+            channel.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview]) -> list[bool]:
+        context = self._ctx()
+        kind = self._transport_kind(info)
+        address = info.transports[f"{kind}.address"].decode()
+        remote = RemoteRegion(address, info.transports[f"{kind}.pool"])
+        stub = self._stub(info.address)
+        pinned = stub.Pin(
+            pb.PinRequest(blocks=[pb.BlockRef(namespace=k.namespace, block_hash=k.block_hash, shard=k.shard) for k in keys],
+                          lease_ttl_s=self.options.lease_ttl, requester=context.node),
+            timeout=self.options.timeout,
+        )
+        try:
+            pool = np.frombuffer(context.top.buffer(), dtype=np.uint8)
+            base, end = pool.__array_interface__["data"][0], pool.__array_interface__["data"][0] + pool.size
+            ops, wanted = [], []
+            for i, (target, offset, nbytes) in enumerate(zip(targets, pinned.offsets, pinned.nbytes)):
+                address_of = np.frombuffer(target, dtype=np.uint8).__array_interface__["data"][0]
+                if offset < 0 or nbytes != len(target) or not base <= address_of < end:
+                    continue  # not on that node any more, another size, or not a slot of our pool
+                ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
+                wanted.append(i)
+            if ops:
+                context.transport.read(ops, timeout_s=self.options.timeout).result(timeout=self.options.timeout + 1)
+        finally:
+            try:
+                stub.Release(pb.ReleaseRequest(lease_ids=[pinned.lease_id]), timeout=self.options.timeout)
+            except grpc.RpcError:
+                pass  # the pin expires by itself
+        results = [False] * len(keys)
+        for i in wanted:
+            if checksum(targets[i]) == pinned.checksums[i]:
+                results[i] = True
+            else:
+                self.integrity_failures += 1
+                log.error("remote: block %r from %s failed its checksum; treated as a miss", keys[i], info.node_id)
+        return results
+
+    def _owners(self, locations: Sequence[object]) -> list[str]:
+        node = self._ctx().node
+        return [loc.node for loc in locations if loc.node not in ("", node)]
+
+    def _transport_kind(self, info: object) -> str:
+        for name in info.transports:
+            if name.endswith(".address"):
+                return name.removesuffix(".address")
+        raise TransportError(f"node {info.node_id} published no transport address")
+
+    def _stub(self, address: str) -> pb_grpc.PegaflowStub:
+        with self._lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address)
+                self._stubs[address] = (channel, pb_grpc.PegaflowStub(channel))
+            return self._stubs[address][1]
+
+    def _ctx(self) -> StackContext:
+        if self._context is None:
+            raise PegaflowError("tier 'remote' is used before the daemon attached it to a transport and an index")
+        return self._context
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("remote tier is closed")
+
+
+@hookimpl
+def register_tiers(register: Register) -> None:
+    register(RemoteTier)
