@@ -395,6 +395,11 @@ class Daemon:
                     log.error("%s; serving without it", message)
                     self.degraded.append(message)
             index = config.index.build()
+            if type(index).shared:  # a cluster index: this node's own blocks stay served without it
+                from .default_plugins.local_index import LocalIndex
+                from .node_index import NodeIndex
+
+                index = NodeIndex(LocalIndex(), index)
         except BaseException:
             for _, tier in tiers:
                 tier.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .backend import Backend
 from .errors import InvalidArgument
@@ -67,7 +67,14 @@ class IndexStats:
 
 
 class Index(Backend, ABC):
-    """Base class of every index. Thread-safe; every method is batched."""
+    """Base class of every index. Thread-safe; every method is batched.
+
+    An index whose class sets ``shared = True`` is cluster-wide (Redis): the daemon then keeps a
+    local index for its own blocks in front of it (node_index.py), so the node keeps serving its
+    own blocks when the shared one is unreachable.
+    """
+
+    shared: ClassVar[bool] = False
 
     @abstractmethod
     def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from pegaflow_core.backend import Availability
@@ -69,6 +69,8 @@ class _LocalLease:
 
 class RedisIndex(Index):
     """Cluster index on Redis. Thread-safe; one instance per daemon (it heartbeats as ``node``)."""
+
+    shared: ClassVar[bool] = True  # cluster-wide: the daemon keeps a local index in front of it
 
     kind = "redis"
     Options = RedisIndexOptions

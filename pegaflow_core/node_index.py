@@ -1,0 +1,118 @@
+"""This node's view of a cluster: a local index for the blocks it holds, over the cluster index
+for everybody else's.
+
+With the cluster index (Redis) as the only index, a Redis outage would turn even this node's own
+blocks into misses. Composed like this, the local index answers for local blocks — hits, leases,
+recency and victims keep working with Redis down — and the cluster index is asked only for what is
+not here, and is told about what is stored here (best effort: the Redis index re-publishes by
+itself when the server comes back). Peers' pins on this node's blocks go through ``Pin``, which
+acquires on this index, so a block being fetched by a peer is pinned locally too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import PegaflowError
+from .index import Index, IndexStats, Lease, Location, NodeInfo
+from .keys import BlockKey
+
+log = logging.getLogger("pegaflow.node_index")
+
+_SEP = "+"
+
+
+class NodeIndex(Index):
+    kind = "node"
+
+    def __init__(self, local: Index, cluster: Index) -> None:
+        self.local = local
+        self.cluster = cluster
+        self.node = getattr(cluster, "node", None)
+        self._cluster_leases: dict[str, str] = {}  # combined lease id -> the cluster part
+        self._warned = False
+
+    def _cluster_call(self, what: str, call: Any, default: Any) -> Any:
+        """A cluster index call that must not stop this node: errors are logged once per outage
+        and answered with ``default`` (a miss, nothing released)."""
+        try:
+            result = call()
+        except PegaflowError as exc:
+            if not self._warned:
+                log.warning("cluster index unavailable (%s: %s); serving this node's blocks alone", what, exc)
+                self._warned = True
+            return default
+        if self._warned:
+            log.warning("cluster index reachable again")
+            self._warned = False
+        return result
+
+    def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        self.local.insert(entries)
+        self._cluster_call("insert", lambda: self.cluster.insert(entries), None)
+
+    def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
+        found = self.local.lookup(keys)
+        elsewhere = [i for i, locs in enumerate(found) if not locs]
+        if elsewhere:
+            remote = self._cluster_call("lookup", lambda: self.cluster.lookup([keys[i] for i in elsewhere]), [])
+            for i, locs in zip(elsewhere, remote):
+                found[i] = tuple(loc for loc in locs if loc.node != "")
+        return found
+
+    def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
+        here = self.local.acquire(keys, ttl_s, owner)
+        if here.hits == len(keys):
+            return here
+        rest = list(keys[here.hits :])
+        there = self._cluster_call("acquire", lambda: self.cluster.acquire(rest, ttl_s, owner), None)
+        if there is None or not there.hits:
+            if there is not None:
+                self._cluster_call("release", lambda: self.cluster.release(there.lease_id), False)
+            return here
+        remote_locations = tuple(tuple(l for l in locs if l.node != "") for locs in there.locations)
+        lease_id = f"{here.lease_id}{_SEP}{there.lease_id}"
+        self._cluster_leases[lease_id] = there.lease_id
+        return Lease(lease_id, here.keys + there.keys, here.locations + remote_locations,
+                     min(here.expires_at, there.expires_at), owner)
+
+    def release(self, lease_id: str) -> bool:
+        remote = self._cluster_leases.pop(lease_id, None)
+        if remote is not None:
+            self._cluster_call("release", lambda: self.cluster.release(remote), False)
+        return self.local.release(lease_id.split(_SEP, 1)[0])
+
+    def release_owner(self, owner: str) -> int:
+        self._cluster_call("release_owner", lambda: self.cluster.release_owner(owner), 0)
+        return self.local.release_owner(owner)
+
+    def expire(self, now: float | None = None) -> int:
+        self._cluster_call("expire", lambda: self.cluster.expire(now), 0)
+        return self.local.expire(now)
+
+    def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:
+        self._cluster_call("remove", lambda: self.cluster.remove(keys, tier, node), 0)
+        return self.local.remove(keys, tier, node)
+
+    def victims(self, tier: str, count: int, node: str = "") -> list[BlockKey]:
+        return self.local.victims(tier, count, node)
+
+    def is_pinned(self, keys: Sequence[BlockKey]) -> list[bool]:
+        return self.local.is_pinned(keys)
+
+    def stats(self) -> IndexStats:
+        return self.local.stats()
+
+    def register_node(self, node_id: str, address: str, transports: dict[str, bytes]) -> None:
+        self.cluster.register_node(node_id, address, transports)
+
+    def nodes(self) -> dict[str, NodeInfo]:
+        return self._cluster_call("nodes", self.cluster.nodes, {})
+
+    def close(self) -> None:
+        try:
+            self.cluster.close()
+        finally:
+            self.local.close()
