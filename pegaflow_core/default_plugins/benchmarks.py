@@ -31,7 +31,27 @@ class DaemonBenchmark:
         return run(args)
 
 
+class RemoteBenchmark:
+    """Remote-tier fetch between two daemons vs the raw transport between two processes."""
+
+    kind = "remote"
+    help = "blocks fetched by node b from node a's pool through the remote tier, vs the raw transport"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per round (default %(default)s)")
+        p.add_argument("--rounds", type=int, default=3, help="timed rounds (default %(default)s)")
+        p.add_argument("--transport", default="loopback", help="transport kind (default %(default)s)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        from pegaflow_core.bench_remote import run
+
+        return run(args)
+
+
 @hookimpl
 def register_benchmarks(register):
-    """Register the daemon benchmark."""
+    """Register the daemon and remote benchmarks."""
     register(DaemonBenchmark)
+    register(RemoteBenchmark)
