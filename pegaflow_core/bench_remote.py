@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
             def config(node: str) -> str:
                 return (f"server: {{node: {node}}}\nindex: {{kind: redis, url: '{redis.url}', node: {node}, key_prefix: {prefix}}}\n"
-                        f"transport: {{kind: {args.transport}}}\ntiers:\n  - {{kind: dram, capacity: {pool}}}\n  - {{kind: remote, timeout: 60s}}\n")
+                        f"transport: {{kind: {args.transport}}}\ntiers:\n  - {{kind: dram, capacity: {pool}, pool_name: bench-{node}, shm_dir: '{tmp}'}}\n"
+                        "  - {kind: remote, timeout: 60s}\n")
 
             with DaemonProcess(config("a")) as a, DaemonProcess(config("b")) as b, \
                     PegaflowClient(a.endpoint, timeout_s=120) as on_a, PegaflowClient(b.endpoint, timeout_s=120) as on_b:

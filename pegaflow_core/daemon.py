@@ -349,18 +349,20 @@ class Servicer(pb_grpc.PegaflowServicer):
         return await self._offload(self._pin, keys, ttl, f"peer:{request.requester}")
 
     def _pin(self, keys: list[BlockKey], ttl: float, owner: str) -> pb.PinResponse:
-        """Pin what this node holds of ``keys`` and say where it is. The checksum is taken from
-        the bytes now, so the peer detects anything that changes them before they arrive."""
+        """Pin what this node holds of ``keys`` and say where it is, with each block's checksum:
+        the one sealed with it, or taken from the bytes now for a block not sealed yet. The peer
+        detects anything that differs when the bytes arrive."""
         lease = self.stack.index.acquire(keys, ttl, owner)
         _, top = self.stack.top
         located = top.locate(keys) if hasattr(top, "locate") else [None] * len(keys)
+        sealed = top.checksums(keys) if hasattr(top, "checksums") else [None] * len(keys)
         views = top.view(keys)
         offsets, sizes, sums = [], [], []
-        for where, view in zip(located, views):
+        for where, view, known in zip(located, views, sealed):
             held = where is not None and view is not None
             offsets.append(where[0] if held else -1)
             sizes.append(where[1] if held else 0)
-            sums.append(checksum(view) if held else 0)
+            sums.append((known if known is not None else checksum(view)) if held else 0)
         return pb.PinResponse(lease_id=lease.lease_id, offsets=offsets, nbytes=sizes, checksums=sums)
 
     # -- housekeeping -------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,8 @@ from pegaflow_core.tier import MemoryKind, StackContext, Tier, TierCapabilities,
 from pegaflow_core.transport import RemoteRegion, TransferOp
 
 log = logging.getLogger("pegaflow.remote")
+
+PIPELINE_OPS = 16  # blocks per transfer batch: small enough to overlap verification with the next
 
 
 @dataclass(frozen=True)
@@ -139,21 +141,33 @@ class RemoteTier(Tier):
                     continue  # not on that node any more, another size, or not a slot of our pool
                 ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
                 wanted.append(i)
-            if ops:
-                context.transport.read(ops, timeout_s=self.options.timeout).result(timeout=self.options.timeout + 1)
+            results = [False] * len(keys)
+            # Pipelined: the next batch is in flight while this one is verified (the checksum runs
+            # without the GIL), so verification costs little beyond the transfer itself.
+            batches = [list(range(lo, min(len(ops), lo + PIPELINE_OPS))) for lo in range(0, len(ops), PIPELINE_OPS)]
+            pending = self._read(context, ops, batches[0]) if batches else None
+            for n, batch in enumerate(batches):
+                pending.result(timeout=self.options.timeout + 1)
+                pending = self._read(context, ops, batches[n + 1]) if n + 1 < len(batches) else None
+                for j in batch:
+                    i = wanted[j]
+                    results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
         finally:
             try:
                 stub.Release(pb.ReleaseRequest(lease_ids=[pinned.lease_id]), timeout=self.options.timeout)
             except grpc.RpcError:
                 pass  # the pin expires by itself
-        results = [False] * len(keys)
-        for i in wanted:
-            if checksum(targets[i]) == pinned.checksums[i]:
-                results[i] = True
-            else:
-                self.integrity_failures += 1
-                log.error("remote: block %r from %s failed its checksum; treated as a miss", keys[i], info.node_id)
         return results
+
+    def _read(self, context: StackContext, ops: list[TransferOp], batch: list[int]) -> Any:
+        return context.transport.read([ops[j] for j in batch], timeout_s=self.options.timeout)
+
+    def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str) -> bool:
+        if checksum(target) == expected:
+            return True
+        self.integrity_failures += 1
+        log.error("remote: block %r from %s failed its checksum; treated as a miss", key, owner)
+        return False
 
     def _owners(self, locations: Sequence[object]) -> list[str]:
         node = self._ctx().node

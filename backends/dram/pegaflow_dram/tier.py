@@ -578,6 +578,13 @@ class DramTier(Tier):
             slots = [None if s is not None and id(s) in bad else s for s in slots]
         return [None if s is None else self._data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
 
+    def checksums(self, keys: Sequence[BlockKey]) -> list[int | None]:
+        """The sealed checksum of each stored block (``None``: missing or not sealed yet)."""
+        keys = check_keys(keys)
+        with self._lock:
+            self._check_open()
+            return [None if (slot := self._stored.get(key)) is None else slot.checksum for key in keys]
+
     # -- pool access for transports --------------------------------------------------------------
     def buffer(self) -> memoryview:
         """The whole pool's data region, writable. Transports (RDMA, UCX) and the daemon's GPU
