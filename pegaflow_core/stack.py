@@ -250,10 +250,20 @@ class TierStack:
             if view is not None and len(view) != nbytes:
                 log.error("block %r is %d bytes in %s, the context expects %d", keys[i], len(view), name, nbytes)
                 views[i] = None
-        failed = sum(v is None for v in views)
+        failed = [k for k, v in zip(keys, views) if v is None]
         if failed:
-            self.metrics.load_failures.labels("missing").inc(failed)
+            self.metrics.load_failures.labels("missing").inc(len(failed))
+            self._forget_lost(failed)
         return views
+
+    def _forget_lost(self, keys: list[BlockKey]) -> None:
+        """Index entries of tiers that no longer hold these blocks (a tier dropped a block that
+        failed its checksum, a lower tier lost a file) are removed, so the engine's next save
+        stores the recomputed block again instead of skipping it as already present."""
+        for name, tier in self.tiers:
+            gone = [k for k, held in zip(keys, tier.contains(keys)) if not held]
+            if gone:
+                self.index.remove(gone, tier=name, node=self.node)
 
     def _promote(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
         """Copy blocks held only in lower tiers into the top tier and return their views. A block

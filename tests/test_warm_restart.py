@@ -135,3 +135,28 @@ def test_without_recovery_turns_off_recover_where_a_tier_has_it():
     config = parse_config("tiers: [{kind: dram, capacity: 8mb, pool_name: p}]", "stack.yaml")
     assert config.tiers[0].options.recover is True
     assert config.without_recovery().tiers[0].options.recover is False
+
+
+def test_a_bit_flipped_in_the_pool_while_the_daemon_was_down_is_recomputed(tmp_path):
+    from pegaflow_core.sim_engine import fill_block
+
+    port = free_port()
+    config = config_text(tmp_path, port)
+    with DaemonProcess(config, workdir=tmp_path) as daemon, PegaflowClient(daemon.endpoint) as client:
+        engine = SimulatedEngine(client, SMALL, model="flip")
+        engine.prefill(prompt(5))
+        fill_block(engine.cache, 0, block_hashes(prompt(5), 16)[4])  # block 4's bytes, to find it
+        needle = engine.cache.block_bytes_view(0).tobytes()[:4096]
+        engine.close()
+    pool = tmp_path / "pegaflow-warm.pool"
+    data = bytearray(pool.read_bytes())
+    at = data.find(needle)
+    assert at > 0, "block not found in the pool file"
+    data[at + 100] ^= 0x01
+    pool.write_bytes(bytes(data))
+    with DaemonProcess(config, workdir=tmp_path) as daemon, PegaflowClient(daemon.endpoint) as client:
+        engine = SimulatedEngine(client, SMALL, model="flip")
+        got = engine.prefill(prompt(5), verify=True)  # raises if a wrong byte is served
+        assert got.hit_blocks == 4 and got.failed_blocks == 1  # blocks 0-3 served, 4 recomputed
+        assert engine.prefill(prompt(5), verify=True).hit_blocks == BLOCKS_PER_PROMPT  # saved again
+        engine.close()
