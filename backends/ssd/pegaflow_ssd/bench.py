@@ -11,6 +11,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +46,7 @@ class SsdBenchmark:
         count = max(1, size // block)
         size = count * block
         work = Path(tempfile.mkdtemp(prefix="pegaflow-ssd-bench-", dir=args.dir))
-        fio = shutil.which("fio")
+        fio = find_or_install_fio()
         try:
             runs: dict[str, list[float]] = {"tier_write": [], "tier_read": [], "base_write": [], "base_read": []}
             detail = ""
@@ -116,6 +117,21 @@ def _tier_run(path: Path, args: argparse.Namespace, size: int, block: int, count
     finally:
         tier.close()
         shutil.rmtree(path, ignore_errors=True)
+
+
+def find_or_install_fio() -> str | None:
+    """fio from PATH; where it is missing and this runs as root with apt-get, install Debian's
+    package first (said on stderr). None means the labelled O_DIRECT-loop baseline is used."""
+    fio = shutil.which("fio")
+    if fio or os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return fio
+    print("bench ssd: fio not found; installing it with apt-get", file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for step in (["apt-get", "install", "-y", "-q", "fio"], ["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "fio"]):
+        done = subprocess.run(step, capture_output=True, text=True, env=env)
+        if step[1] == "install" and done.returncode == 0:
+            break
+    return shutil.which("fio")
 
 
 def _fio_run(fio: str, path: Path, args: argparse.Namespace, size: int, block: int) -> tuple[float, float]:
