@@ -91,3 +91,35 @@ def test_a_dead_owner_means_misses_not_hangs(redis):
         assert loader.prefill(prompt(3), verify=True).hit_blocks == 12  # recomputed and saved on b
         loader.close()
     a.close()
+
+
+def test_the_remote_tier_over_ucx(redis):
+    pytest.importorskip("pegaflow_ucx")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with DaemonProcess(node_config(redis, "a", prefix, transport="{kind: ucx}")) as a, \
+            DaemonProcess(node_config(redis, "b", prefix, transport="{kind: ucx}")) as b, \
+            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
+        saver = SimulatedEngine(on_a, SMALL, model="ucx", instance_id="a0")
+        loader = SimulatedEngine(on_b, SMALL, model="ucx", instance_id="b0")
+        saver.prefill(prompt(4))
+        got = loader.prefill(prompt(4), verify=True)
+        assert got.hit_blocks == 12 and got.failed_blocks == 0
+        saver.close()
+        loader.close()
+
+
+def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
+            DaemonProcess(node_config(redis, "c", prefix)) as c, PegaflowClient(a.endpoint) as on_a, \
+            PegaflowClient(b.endpoint) as on_b, PegaflowClient(c.endpoint) as on_c:
+        first, second = SimulatedEngine(on_a, SMALL, model="three", instance_id="a0"), SimulatedEngine(on_b, SMALL, model="three", instance_id="b0")
+        tokens = prompt(5, blocks=12)
+        first.prefill(tokens[: 16 * 6])  # node a holds blocks 0-5
+        second.prefill(tokens)  # node b holds 0-11 (it fetched 0-5 from a, saved 6-11)
+        reader = SimulatedEngine(on_c, SMALL, model="three", instance_id="c0")
+        got = reader.prefill(tokens, verify=True)
+        assert got.hit_blocks == 12 and got.failed_blocks == 0
+        for engine in (first, second, reader):
+            engine.close()
+
