@@ -2,12 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e conformance
+WORKSPACE := -e . -e backends/dram -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e conformance -e connectors/vllm
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean
 
-$(STAMP): pyproject.toml setup.py proto/pegaflow/v1/*.proto pegaflow_core/native/*.c backends/*/pyproject.toml conformance/pyproject.toml requirements-dev.txt
+$(STAMP): pyproject.toml setup.py proto/pegaflow/v1/*.proto pegaflow_core/native/*.c backends/*/pyproject.toml connectors/*/pyproject.toml conformance/pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(WORKSPACE) -r requirements-dev.txt
