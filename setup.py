@@ -75,4 +75,8 @@ class BuildPyWithProto(build_py):
         super().run()
 
 
+# Generate before setuptools discovers packages, so pegaflow_core._proto and ._native are found
+# and shipped in wheels too (build_py alone runs after discovery); build_py refreshes them.
+generate_proto()
+build_native()
 setup(cmdclass={"build_py": BuildPyWithProto})
