@@ -68,6 +68,13 @@ class ContextSpec:
     pp_rank: int = 0
     pp_size: int = 1
     device: int = -1
+    block_bytes: int = 0  # query-only contexts (no regions): the size of the namespace's blocks
+
+    @classmethod
+    def query_only(cls, namespace: str, block_bytes: int, instance_id: str = "", shard: int = 0) -> ContextSpec:
+        """A context that can Query but owns no KV memory (a scheduler, a router)."""
+        return cls(namespace=namespace, num_blocks=0, regions=(), planes=(), instance_id=instance_id,
+                   shard=shard, block_bytes=block_bytes)
 
     @property
     def num_layers(self) -> int:
@@ -125,6 +132,7 @@ def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRe
         regions=[pb.MemoryRegion(kind=r.kind, path=r.path, handle=r.handle, nbytes=r.nbytes, device=r.device,
                                  pid=r.pid, address=r.address) for r in spec.regions],
         planes=[pb.Plane(layer=p.layer, region=p.region, offset=p.offset, block_stride=p.block_stride, block_bytes=p.block_bytes) for p in spec.planes],
+        block_bytes=spec.block_bytes,
     )
 
 

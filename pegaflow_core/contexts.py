@@ -44,15 +44,25 @@ class EngineContext:
     instance_id: str
     namespace: str
     shard: int
-    layout: KVLayout
+    layout: KVLayout | None  # None: a query-only context (no KV memory)
     regions: list[EngineRegion]
     device: int = -1
     tp_rank: int = 0
     tp_size: int = 1
+    query_block_bytes: int = 0
 
     @property
     def block_bytes(self) -> int:
-        return self.layout.block_bytes
+        return self.layout.block_bytes if self.layout is not None else self.query_block_bytes
+
+    def kv_layout(self) -> KVLayout:
+        """The layout for Save and Load; a query-only context has none."""
+        if self.layout is None:
+            raise InvalidArgument(
+                f"context {self.context_id} was registered for queries only (no KV memory): it can Query, "
+                "not Save or Load"
+            )
+        return self.layout
 
     def keys(self, block_hashes: Sequence[bytes]) -> list[BlockKey]:
         return BlockKey.many(self.namespace, block_hashes, self.shard)

@@ -141,7 +141,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         if not request.namespace:
             raise InvalidArgument("namespace must not be empty")
         if not request.regions:
-            raise InvalidArgument("regions: at least one KV memory region is needed")
+            return self._register_query_only(request)
         if request.tp_size and request.tp_rank >= request.tp_size:
             raise InvalidArgument(f"tp_rank {request.tp_rank} is not below tp_size {request.tp_size}")
         layout = KVLayout(
@@ -170,6 +170,26 @@ class Servicer(pb_grpc.PegaflowServicer):
         log.info("registered %s: instance %s ns %s shard %d, %d blocks of %d bytes",
                  ctx.context_id, ctx.instance_id, ctx.namespace, ctx.shard, layout.num_blocks, layout.block_bytes)
         return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes, daemon_id=self.daemon_id)
+
+    def _register_query_only(self, request: pb.RegisterContextRequest) -> pb.RegisterContextResponse:
+        """A context without KV memory (a scheduler): it names its namespace's block size so a
+        mismatched one is refused like any other, and can then Query."""
+        if request.block_bytes <= 0:
+            raise InvalidArgument(
+                "regions: at least one KV memory region is needed, or block_bytes > 0 for a query-only context"
+            )
+        if request.planes:
+            raise InvalidArgument("planes given without regions: planes describe registered KV memory")
+        self.stack.claim_block_size(request.namespace, request.block_bytes)
+        ctx = EngineContext(
+            context_id=self.contexts.new_id(), session_id=request.session_id, instance_id=request.instance_id,
+            namespace=request.namespace, shard=request.shard, layout=None, regions=[],
+            tp_rank=request.tp_rank, tp_size=request.tp_size or 1, query_block_bytes=request.block_bytes,
+        )
+        self.contexts.add(ctx)
+        log.info("registered %s: query-only, instance %s ns %s shard %d", ctx.context_id, ctx.instance_id,
+                 ctx.namespace, ctx.shard)
+        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=request.block_bytes, daemon_id=self.daemon_id)
 
     @staticmethod
     def _map_regions(regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
@@ -210,7 +230,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         if len(request.block_ids) != len(request.block_hashes):
             raise InvalidArgument(f"block_ids has {len(request.block_ids)} entries but block_hashes has {len(request.block_hashes)}")
         block_ids = list(request.block_ids)
-        ctx.layout.check_block_ids(block_ids)
+        layout = ctx.kv_layout()
+        layout.check_block_ids(block_ids)
         keys = ctx.keys(request.block_hashes)
 
         if all(any(loc.node == "" for loc in locs) for locs in self.stack.index.lookup(keys)):
@@ -219,7 +240,7 @@ class Servicer(pb_grpc.PegaflowServicer):
             return pb.SaveResponse(already_present=len(keys))
 
         def fill(positions: list[int], views: list[memoryview]) -> None:
-            self.copier.gather(ctx.layout, ctx.regions, [block_ids[p] for p in positions], views)
+            self.copier.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
 
         start = time.perf_counter()
         outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill)
@@ -258,7 +279,7 @@ class Servicer(pb_grpc.PegaflowServicer):
             await _abort(self, "Load", context, exc)
         loop = asyncio.get_running_loop()
         progress: asyncio.Queue[int] = asyncio.Queue()
-        num_layers = len(ctx.layout.layer_groups())
+        num_layers = len(ctx.kv_layout().layer_groups())
         keys = list(lease.keys[: len(block_ids)])
 
         def run() -> list[int]:
@@ -310,7 +331,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         block_ids = list(request.block_ids)
         if len(block_ids) > lease.hits:
             raise InvalidArgument(f"block_ids has {len(block_ids)} entries but the lease holds {lease.hits} blocks")
-        ctx.layout.check_block_ids(block_ids)
+        ctx.kv_layout().check_block_ids(block_ids)
         for key in lease.keys[: len(block_ids)]:
             if key.namespace != ctx.namespace or key.shard != ctx.shard:
                 raise InvalidArgument(

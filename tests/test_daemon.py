@@ -216,3 +216,21 @@ def test_dead_daemon_means_misses_not_errors():
     engine.cache.close()
     c.close()
     d.close()
+
+
+def test_a_query_only_context_queries_but_cannot_save_or_load(client, make_engine):
+    engine = make_engine(model="scheduler")
+    prompt = tokens(16 * 6, seed=40)
+    engine.prefill(prompt)
+    scheduler = client.register_context(ContextSpec.query_only(engine.namespace, SMALL.block_bytes, "sched"))
+    hit = client.query(scheduler, block_hashes(prompt, 16))
+    assert hit.hit_blocks == 6
+    client.release([hit.lease_id])
+    with pytest.raises(InvalidArgument, match="registered for queries only"):
+        client.save(scheduler, [0], [b"x" * 32])
+    with pytest.raises(InvalidArgument, match="registered for queries only"):
+        client.load(scheduler, client.query(scheduler, block_hashes(prompt, 16)).lease_id, [0]).wait()
+    with pytest.raises(InvalidArgument, match="stores blocks of 16384 bytes, but this layout gives 8192"):
+        client.register_context(ContextSpec.query_only(engine.namespace, 8192, "wrong"))
+    with pytest.raises(InvalidArgument, match="or block_bytes > 0 for a query-only context"):
+        client.register_context(ContextSpec.query_only(engine.namespace, 0, "none"))

@@ -7,9 +7,8 @@ fewer tokens than offered (update_state_after_alloc with 0), when the request is
 aborted or finished before loading, and, after a load, when every worker has reported it done
 (worker metadata). Leases of a scheduler that dies go with its daemon session.
 
-The scheduler has no KV memory, yet the daemon answers queries per registered context; it
-registers a one-block, never-touched shared-memory context in the workers' namespace for that
-(see docs/vllm.md, "Query context").
+The scheduler has no KV memory: it registers a query-only context in the workers' namespace (the
+daemon answers its Queries and refuses Save/Load on it; see docs/vllm.md, "Query context").
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pegaflow_core.client import ContextHandle, ContextSpec, PegaflowClient, RegionSpec
+from pegaflow_core.client import ContextHandle, ContextSpec, PegaflowClient
 from pegaflow_core.errors import PegaflowError
-from pegaflow_core.layout import Plane
-from pegaflow_core.shm import SharedRegion
 
 from .gate import DaemonGate
 from .kv_layout import CacheLayout
@@ -78,16 +75,9 @@ class PegaflowScheduler:
                                      description=f"vllm scheduler {instance_id}")
         self.gate = DaemonGate(options.endpoint, options.retry_interval_s, "vLLM scheduler")
         self.stats = PegaflowStats()
-        self._region: SharedRegion | None = None
         self._handle: ContextHandle | None = None
         if self.can_load:
-            self._region = SharedRegion.create(layout.block_bytes)
-            spec = ContextSpec(
-                namespace=self.namespace, num_blocks=1,
-                regions=(RegionSpec(nbytes=self._region.nbytes, path=str(self._region.path)),),
-                planes=(Plane(0, 0, 0, layout.block_bytes, layout.block_bytes),),
-                instance_id=f"{instance_id}-scheduler", shard=self.shard,
-            )
+            spec = ContextSpec.query_only(self.namespace, layout.block_bytes, f"{instance_id}-scheduler", self.shard)
             # Not registered yet: the client registers it on first use, and again after a daemon
             # restart, so a daemon that is down at startup costs nothing here.
             self._handle = ContextHandle(spec)
@@ -256,6 +246,3 @@ class PegaflowScheduler:
     def shutdown(self) -> None:
         self._release([s.lease.lease_id for s in self._requests.values() if s.lease is not None])
         self.client.close()
-        if self._region is not None:
-            self._region.close()
-            self._region = None
