@@ -234,8 +234,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         layout.check_block_ids(block_ids)
         keys = ctx.keys(request.block_hashes)
 
-        if all(any(loc.node == "" for loc in locs) for locs in self.stack.index.lookup(keys)):
-            # every block is stored on this node already: no copy, no thread hop
+        present = self.stack.stored_here(keys)
+        if all(present):  # every block is stored on this node already: no copy, no thread hop
             self.metrics.deduplicated.inc(len(keys))
             return pb.SaveResponse(already_present=len(keys))
 
@@ -243,7 +243,7 @@ class Servicer(pb_grpc.PegaflowServicer):
             self.copier.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
 
         start = time.perf_counter()
-        outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill)
+        outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill, present)
         self.metrics.transfer_seconds.labels("save").observe(time.perf_counter() - start)
         return pb.SaveResponse(stored=outcome.stored, already_present=outcome.already_present, dropped=outcome.dropped)
 

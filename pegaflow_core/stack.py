@@ -106,12 +106,18 @@ class TierStack:
             )
 
     # -- save ---------------------------------------------------------------------------------
-    def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill) -> SaveOutcome:
-        """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
-        block for ``keys[positions[i]]`` into ``views[i]``; nothing is visible before it returns."""
-        # stored once per node: a copy on another node does not stop this one keeping its own
+    def stored_here(self, keys: Sequence[BlockKey]) -> list[bool]:
+        """Which keys this node stores already. Stored once per node: a copy on another node does
+        not stop this one keeping its own."""
         local = ("", self.node)
-        present = [any(loc.node in local for loc in locs) for locs in self.index.lookup(keys)]
+        return [any(loc.node in local for loc in locs) for locs in self.index.lookup(keys)]
+
+    def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill, present: list[bool] | None = None) -> SaveOutcome:
+        """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
+        block for ``keys[positions[i]]`` into ``views[i]``; nothing is visible before it returns.
+        ``present`` is ``stored_here(keys)`` when the caller has it already."""
+        if present is None:
+            present = self.stored_here(keys)
         todo: list[int] = []
         with self._lock:
             for i, key in enumerate(keys):
