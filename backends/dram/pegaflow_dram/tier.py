@@ -217,10 +217,8 @@ class DramTier(Tier):
         with self._lock:
             sealed = []
             for (key, slot), digest in zip(pairs, sums):
-                slot.readers -= 1
+                self._unread(slot)
                 if slot.dropped:
-                    if slot.readers == 0:
-                        self._alloc.free(slot.offset)
                     continue
                 slot.checksum = digest
                 sealed.append(SealedBlock(key, slot.offset, slot.nbytes, digest))
@@ -439,9 +437,7 @@ class DramTier(Tier):
             if reading:
                 with self._lock:
                     for _, slot in reading:
-                        slot.readers -= 1
-                        if slot.dropped and slot.readers == 0:
-                            self._alloc.free(slot.offset)
+                        self._unread(slot)
                     self._done_copying()
         return results
 
@@ -572,9 +568,7 @@ class DramTier(Tier):
             finally:
                 with self._lock:
                     for _, slot in check:
-                        slot.readers -= 1
-                        if slot.dropped and slot.readers == 0:
-                            self._alloc.free(slot.offset)
+                        self._unread(slot)
             slots = [None if s is not None and id(s) in bad else s for s in slots]
         return [None if s is None else self._data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
 
@@ -628,6 +622,13 @@ class DramTier(Tier):
             self._alloc.check_fits(nbytes)
         except CapacityError as exc:
             raise CapacityError(f"{what}: {exc}") from None
+
+    def _unread(self, slot: _Slot) -> None:
+        """A reader (copy, seal, verification) is done with ``slot``; the last reader of a slot
+        evicted meanwhile frees it. Called under the lock."""
+        slot.readers -= 1
+        if slot.dropped and slot.readers == 0:
+            self._alloc.free(slot.offset)
 
     def _done_copying(self) -> None:
         self._copying -= 1
