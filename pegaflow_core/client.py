@@ -42,7 +42,7 @@ _CHANNEL_OPTIONS = [
 class RegionSpec:
     """KV memory the daemon reaches: a shared-memory file (``kind="shm"``, ``path``), memory of
     the engine process itself (``kind="cma"``, ``pid`` + ``address``: any CPU tensor) or GPU
-    memory (``kind="cuda_ipc"``, ``handle``)."""
+    memory (``kind="cuda_ipc"``, ``handle`` of the allocation, ``device`` and ``device_uuid``)."""
 
     nbytes: int
     path: str = ""
@@ -51,6 +51,7 @@ class RegionSpec:
     device: int = -1
     pid: int = 0
     address: int = 0
+    device_uuid: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRe
         tp_rank=spec.tp_rank, tp_size=spec.tp_size, pp_rank=spec.pp_rank, pp_size=spec.pp_size,
         device=spec.device, num_blocks=spec.num_blocks, num_layers=spec.num_layers,
         regions=[pb.MemoryRegion(kind=r.kind, path=r.path, handle=r.handle, nbytes=r.nbytes, device=r.device,
-                                 pid=r.pid, address=r.address) for r in spec.regions],
+                                 pid=r.pid, address=r.address, device_uuid=r.device_uuid) for r in spec.regions],
         planes=[pb.Plane(layer=p.layer, region=p.region, offset=p.offset, block_stride=p.block_stride, block_bytes=p.block_bytes) for p in spec.planes],
         block_bytes=spec.block_bytes,
     )

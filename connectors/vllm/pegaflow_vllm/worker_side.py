@@ -27,7 +27,7 @@ from .gate import DaemonGate
 from .kv_layout import CacheLayout, layer_tensors, merge_cross_layer, planes_of_tensor
 from .metadata import LoadSpec, PegaflowMetadata, PegaflowWorkerMeta
 from .options import ConnectorOptions
-from .regions import region_for_storage
+from pegaflow_core.regions import region_for_storage
 from .stats import PegaflowStats
 
 log = logging.getLogger("pegaflow.vllm")

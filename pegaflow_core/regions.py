@@ -1,9 +1,12 @@
-"""How the daemon reaches a worker's KV memory: one RegionSpec per torch storage.
+"""How the daemon reaches an engine's KV memory: one RegionSpec per torch storage.
 
-vLLM allocates the whole KV cache as one flat buffer and hands every layer a strided view of it,
-so a worker normally registers one region. Its kind depends on where the memory is:
+Shared by every connector (vLLM, SGLang) and the reference engine. Engines usually allocate the
+whole KV cache as one flat buffer and hand every layer a strided view of it, so a worker normally
+registers one region. Its kind depends on where the memory is:
 
-- ``cuda_ipc``: GPU memory, exported with torch's CUDA IPC handle (the daemon opens it once);
+- ``cuda_ipc``: GPU memory, exported with torch's CUDA IPC handle (the daemon opens it once, on
+  the device with the same UUID, so differing CUDA_VISIBLE_DEVICES between engine and daemon
+  do not matter);
 - ``shm``: host memory that is a mapping of a file under /dev/shm (found in /proc/self/maps), so
   the daemon maps the same file;
 - ``cma``: any other host memory (vLLM's CPU backend allocates with plain torch): the daemon
@@ -20,7 +23,7 @@ from typing import Any
 
 from pegaflow_core.client import RegionSpec
 
-log = logging.getLogger("pegaflow.vllm")
+log = logging.getLogger("pegaflow.regions")
 
 SHM_ROOT = "/dev/shm/"
 
@@ -44,7 +47,7 @@ def region_for_storage(tensor: Any, memory: str) -> Region:
             raise ValueError(f"pegaflow.memory={memory!r} cannot reach GPU memory; use auto or cuda_ipc")
         return _cuda_ipc_region(storage, tensor.device.index or 0)
     if tensor.device.type != "cpu":
-        raise ValueError(f"PegaflowConnector supports KV caches on cpu or cuda, not {tensor.device}")
+        raise ValueError(f"pegaflow reaches KV caches on cpu or cuda, not {tensor.device}")
     if memory == "cuda_ipc":
         raise ValueError("pegaflow.memory='cuda_ipc' but the KV cache is in host memory")
     if memory in ("auto", "shm"):
@@ -90,8 +93,11 @@ def find_shm_mapping(address: int, nbytes: int) -> tuple[str, int, int] | None:
 def _cuda_ipc_region(storage: Any, device: int) -> Region:
     """Export the CUDA allocation holding ``storage``. torch's IPC handle names the whole
     cudaMalloc block; ``offset`` says where the storage starts inside it, so the region is the
-    block from its start and plane offsets shift by that amount. Untested on CPU-only CI."""
+    block from its start and plane offsets shift by that amount."""
+    import torch  # only reached with a CUDA tensor in hand
+
     shared = storage._share_cuda_()
     # (device, handle, storage_size_bytes, storage_offset_bytes, ref_counter_handle, ...)
     handle, size, offset = bytes(shared[1]), int(shared[2]), int(shared[3])
-    return Region(RegionSpec(nbytes=offset + size, kind="cuda_ipc", handle=handle, device=device), offset)
+    uuid = str(torch.cuda.get_device_properties(device).uuid)
+    return Region(RegionSpec(nbytes=offset + size, kind="cuda_ipc", handle=handle, device=device, device_uuid=uuid), offset)
