@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import InvalidArgument, NotFound
@@ -17,24 +17,26 @@ from .shm import SharedRegion
 
 @dataclass
 class EngineRegion:
-    """One registered piece of engine KV memory, as the copier reaches it: ``base`` is an address
-    in this process (``pid == 0``: a mapped shared-memory file) or in the engine process ``pid``
-    (cross-memory attach)."""
+    """One registered piece of engine KV memory, as its memory kind reaches it: ``base`` is an
+    address in this process (a mapped shared-memory file, or a device pointer of an opened CUDA
+    IPC handle on ``device``) or in the engine process ``pid`` (cross-memory attach).
+    ``release`` undoes the mapping."""
 
     kind: str
     nbytes: int
     base: int
     pid: int = 0
-    shm: SharedRegion | None = None
+    device: int = -1
+    release: Callable[[], None] | None = None
 
     @classmethod
     def mapped(cls, shm: SharedRegion) -> EngineRegion:
-        return cls("shm", shm.nbytes, shm.array.__array_interface__["data"][0], 0, shm)
+        return cls("shm", shm.nbytes, shm.array.__array_interface__["data"][0], release=shm.close)
 
     def close(self) -> None:
-        if self.shm is not None:
-            self.shm.close()
-            self.shm = None
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 @dataclass

@@ -26,15 +26,15 @@ from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .checksum import checksum
 from .config import DaemonConfig
-from . import cma
 from .contexts import ContextTable, EngineContext, EngineRegion
-from .copier import HostCopier
-from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, PegaflowError
+from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, PegaflowError, PluginError
 from .index import Lease
 from .keys import BlockKey
 from .layout import KVLayout, Plane
+from .memory import EngineMemory, RegionRequest
 from .metrics import Metrics
-from .shm import SharedRegion, reap_orphans
+from .plugins import get_registry
+from .shm import reap_orphans
 from .stack import TierStack
 from .tier import StackContext
 
@@ -88,7 +88,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         self.stack = stack
         self.metrics = metrics
         self.executor = executor
-        self.copier = HostCopier()
+        self._memories: dict[str, EngineMemory] = {}
+        self._memory_lock = threading.Lock()
         self.contexts = ContextTable()
         self.leases: dict[str, Lease] = {}
         self.sessions: dict[str, int] = {}
@@ -191,32 +192,38 @@ class Servicer(pb_grpc.PegaflowServicer):
                  ctx.namespace, ctx.shard)
         return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=request.block_bytes, daemon_id=self.daemon_id)
 
-    @staticmethod
-    def _map_regions(regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
+    def _map_regions(self, regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
         kinds = {r.kind for r in regions}
         if len(kinds) > 1:
             raise InvalidArgument(f"regions: every region of a context must be of one kind, got {sorted(kinds)}")
         mapped: list[EngineRegion] = []
         try:
             for i, region in enumerate(regions):
-                if region.kind == "shm":
-                    mapped.append(EngineRegion.mapped(SharedRegion.attach(region.path, region.nbytes)))
-                elif region.kind == "cma":
-                    try:
-                        cma.check_access(region.pid, region.address, region.nbytes)
-                    except InvalidArgument as exc:
-                        raise InvalidArgument(f"regions[{i}]: {exc}") from None
-                    mapped.append(EngineRegion("cma", region.nbytes, region.address, region.pid))
-                else:
-                    raise InvalidArgument(
-                        f"regions[{i}].kind {region.kind!r} is not served by this daemon: host-memory daemons take "
-                        "'shm' and 'cma'; 'cuda_ipc' needs the GPU data path"
-                    )
+                request = RegionRequest(
+                    index=i, kind=region.kind, nbytes=region.nbytes, path=region.path, handle=region.handle,
+                    device=region.device, device_uuid=region.device_uuid, pid=region.pid, address=region.address,
+                )
+                mapped.append(self.memory(region.kind, f"regions[{i}].kind").open(request))
         except BaseException:
             for engine_region in mapped:
                 engine_region.close()
             raise
         return mapped
+
+    def memory(self, kind: str, where: str = "memory kind") -> EngineMemory:
+        """The daemon's one instance of memory kind ``kind``, built on first use."""
+        with self._memory_lock:
+            found = self._memories.get(kind)
+            if found is None:
+                try:
+                    cls = get_registry().get("memory", kind)
+                except PluginError as exc:
+                    raise InvalidArgument(f"{where} {kind!r} is not served by this daemon: {exc}") from None
+                available = cls.availability()
+                if not available.ok:
+                    raise InvalidArgument(f"{where} {kind!r} cannot be served on this machine: {available.detail}")
+                found = self._memories[kind] = cls()
+            return found
 
     @_rpc
     async def UnregisterContext(self, request: pb.UnregisterContextRequest, context: grpc.aio.ServicerContext) -> pb.UnregisterContextResponse:
@@ -239,8 +246,10 @@ class Servicer(pb_grpc.PegaflowServicer):
             self.metrics.deduplicated.inc(len(keys))
             return pb.SaveResponse(already_present=len(keys))
 
+        memory = self.memory(ctx.regions[0].kind)
+
         def fill(positions: list[int], views: list[memoryview]) -> None:
-            self.copier.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
+            memory.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
 
         start = time.perf_counter()
         outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill, present)
@@ -282,10 +291,12 @@ class Servicer(pb_grpc.PegaflowServicer):
         num_layers = len(ctx.kv_layout().layer_groups())
         keys = list(lease.keys[: len(block_ids)])
 
+        memory = self.memory(ctx.regions[0].kind)
+
         def run() -> list[int]:
             views = self.stack.read_views(keys, ctx.block_bytes)
             failed = [b for b, v in zip(block_ids, views) if v is None]
-            self.copier.scatter(ctx.layout, ctx.regions, block_ids, views,
+            memory.scatter(ctx.layout, ctx.regions, block_ids, views,
                                 on_layer=lambda done: loop.call_soon_threadsafe(progress.put_nowait, done))
             loaded = len(block_ids) - len(failed)
             self.metrics.bytes.labels(self.stack.top[0], "load").inc(loaded * ctx.block_bytes)
@@ -396,7 +407,8 @@ class Servicer(pb_grpc.PegaflowServicer):
     def close(self) -> None:
         for ctx in self.contexts.all():
             ctx.close()
-        self.copier.close()
+        for memory in self._memories.values():
+            memory.close()
 
 
 class Daemon:

@@ -35,3 +35,9 @@ def register_connectors(register: Register) -> None:
 @hookspec
 def register_benchmarks(register: Register) -> None:
     """Register benchmark classes for `pegaflow bench <kind>` (see commands/bench.py)."""
+
+
+@hookspec
+def register_memory_kinds(register: Register) -> None:
+    """Register EngineMemory subclasses: the region kinds engines register KV memory as (shm, cma,
+    cuda_ipc) and the copies between that memory and the tiers."""

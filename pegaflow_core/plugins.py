@@ -24,11 +24,12 @@ from .errors import PluginError
 log = logging.getLogger("pegaflow.plugins")
 
 ENTRY_POINT_GROUP = "pegaflow"
-ROLES = ("tier", "transport", "index", "connector", "benchmark")
+ROLES = ("tier", "transport", "index", "memory", "connector", "benchmark")
 _HOOKS = {
     "tier": "register_tiers",
     "transport": "register_transports",
     "index": "register_indexes",
+    "memory": "register_memory_kinds",
     "connector": "register_connectors",
     "benchmark": "register_benchmarks",
 }
@@ -38,6 +39,7 @@ BUILTIN_PLUGINS = (
     "pegaflow_core.default_plugins.benchmarks",
     "pegaflow_core.default_plugins.remote",
     "pegaflow_core.default_plugins.faulty",
+    "pegaflow_core.default_plugins.host_memory",
 )
 
 

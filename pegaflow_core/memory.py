@@ -1,0 +1,69 @@
+"""Engine memory kinds: how the daemon reaches one kind of engine KV memory and moves blocks
+between it and tier memory.
+
+A region's ``kind`` in RegisterContext (``shm``, ``cma``, ``cuda_ipc``, or a third party's) picks
+an ``EngineMemory`` backend from the plugin registry (role ``memory``), so the GPU data path lives
+in its own distribution (pegaflow-cuda) with its heavy imports, and core stays CPU-only. The daemon
+builds one instance per kind on first use and keeps it: that instance owns the kind's copy
+resources (threads, CUDA streams, compiled kernels, opened IPC handles).
+
+Tier memory is always host memory the stack hands out as views (pinned when a GPU is present), so
+every kind implements the same two moves: ``gather`` engine blocks into stored blocks (Save) and
+``scatter`` stored blocks into engine blocks layer by layer (Load).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .backend import Backend
+from .contexts import EngineRegion
+from .layout import KVLayout
+
+
+@dataclass(frozen=True)
+class RegionRequest:
+    """One region as the engine described it (the RegisterContext message's fields)."""
+
+    index: int
+    kind: str
+    nbytes: int
+    path: str = ""
+    handle: bytes = b""
+    device: int = -1
+    device_uuid: str = ""
+    pid: int = 0
+    address: int = 0
+
+    @property
+    def where(self) -> str:
+        """Names the region in error messages."""
+        return f"regions[{self.index}]"
+
+
+class EngineMemory(Backend):
+    """Base class of memory kinds. Instances are built with ``cls()`` by the daemon."""
+
+    kind: ClassVar[str]
+
+    def open(self, region: RegionRequest) -> EngineRegion:
+        """Map or attach ``region`` once, at registration; raise InvalidArgument naming
+        ``region.where`` when it cannot be reached."""
+        raise NotImplementedError
+
+    def gather(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
+               dests: Sequence[memoryview]) -> None:
+        """Copy engine block ``block_ids[i]`` (all planes) into ``dests[i]``; return when done."""
+        raise NotImplementedError
+
+    def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
+                sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:
+        """Copy ``sources[i]`` into engine block ``block_ids[i]`` (``None`` sources are skipped);
+        call ``on_layer(k)`` as soon as layers ``[0, k)`` are in place, so the engine can start
+        computing layer 0 while later layers are still moving."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the kind's copy resources (after every region was closed)."""
