@@ -19,7 +19,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context, not only the current device's
+from pegaflow_core import pinned
+
+# Portable: pinned for every CUDA context, not only the current device's. Mapped: GPU kernels may
+# read and write it directly (the daemon's batched copy kernels do), at the host address on UVA.
+_HOST_REGISTER_FLAGS = 1 | 2
 
 
 def gpu_present() -> bool:
@@ -49,6 +53,7 @@ class Pinned:
     _unregister: Callable[[int], None]
 
     def release(self) -> None:
+        pinned.remove(self.address)
         self._unregister(self.address)
 
 
@@ -59,7 +64,9 @@ def pin(address: int, length: int) -> Pinned:
     errors: list[str] = []
     for attempt in (_via_cuda_python, _via_torch, _via_libcudart):
         try:
-            return attempt(address, length)
+            registered = attempt(address, length)
+            pinned.add(address, length)
+            return registered
         except ImportError as exc:
             errors.append(str(exc))
         except RuntimeError as exc:
@@ -75,7 +82,7 @@ def _via_cuda_python(address: int, length: int) -> Pinned:
             from cuda import cudart  # type: ignore[no-redef]  # older cuda-python
         except ImportError:
             raise ImportError("cuda-python is not installed") from None
-    (err,) = cudart.cudaHostRegister(address, length, _HOST_REGISTER_PORTABLE)
+    (err,) = cudart.cudaHostRegister(address, length, _HOST_REGISTER_FLAGS)
     if int(err) != 0:
         raise RuntimeError(f"cuda-python: {err}")
 
@@ -93,7 +100,7 @@ def _via_torch(address: int, length: int) -> Pinned:
     if not torch.cuda.is_available():
         raise RuntimeError("torch sees no usable CUDA device")
     runtime = torch.cuda.cudart()
-    err = runtime.cudaHostRegister(address, length, _HOST_REGISTER_PORTABLE)
+    err = runtime.cudaHostRegister(address, length, _HOST_REGISTER_FLAGS)
     if int(err) != 0:
         raise RuntimeError(f"torch cudart error {int(err)}")
     return Pinned(address, length, "torch", lambda addr: runtime.cudaHostUnregister(addr))
@@ -107,7 +114,7 @@ def _via_libcudart(address: int, length: int) -> Pinned:
         raise ImportError(f"libcudart not found ({name})") from None
     lib.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
     lib.cudaHostUnregister.argtypes = [ctypes.c_void_p]
-    err = lib.cudaHostRegister(address, length, _HOST_REGISTER_PORTABLE)
+    err = lib.cudaHostRegister(address, length, _HOST_REGISTER_FLAGS)
     if err != 0:
         raise RuntimeError(f"libcudart error {err}")
     return Pinned(address, length, "libcudart", lambda addr: lib.cudaHostUnregister(addr))

@@ -1,0 +1,57 @@
+"""Which host memory of this process is page-locked for the GPU.
+
+A GPU copy kernel may touch host memory directly only where it is pinned (and device-mapped);
+anywhere else the access faults and kills the daemon's CUDA context. The DRAM tier pins its pool
+chunk by chunk in the background (so a large pool serves within seconds of start), so "is this
+block pinned yet" is a per-copy question: tiers record ranges here as they pin them, and GPU memory
+kinds ask before launching a kernel, copying the rest through the driver instead.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+
+import numpy as np
+
+_lock = threading.Lock()
+_starts: list[int] = []
+_ends: list[int] = []
+_arrays: tuple[np.ndarray, np.ndarray] | None = None  # numpy copies of the lists, rebuilt on change
+
+
+def add(address: int, length: int) -> None:
+    """Record ``[address, address + length)`` as pinned (after cudaHostRegister succeeded)."""
+    global _arrays
+    with _lock:
+        i = bisect.bisect_left(_starts, address)
+        _starts.insert(i, address)
+        _ends.insert(i, address + length)
+        _arrays = None
+
+
+def remove(address: int) -> None:
+    """Forget the range starting at ``address`` (before cudaHostUnregister)."""
+    global _arrays
+    with _lock:
+        i = bisect.bisect_left(_starts, address)
+        if i < len(_starts) and _starts[i] == address:
+            del _starts[i], _ends[i]
+            _arrays = None
+
+
+def covered(addresses: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """For each ``[addresses[i], addresses[i] + lengths[i])``: whether it lies inside one pinned
+    range. Vectorized: tens of thousands of segments per step cost microseconds."""
+    global _arrays
+    addresses = np.asarray(addresses, dtype=np.uint64)
+    with _lock:
+        if not _starts:
+            return np.zeros(addresses.shape, dtype=bool)
+        if _arrays is None:
+            _arrays = (np.array(_starts, dtype=np.uint64), np.array(_ends, dtype=np.uint64))
+        starts, ends = _arrays
+    i = np.searchsorted(starts, addresses, side="right") - 1
+    ok = i >= 0
+    i = np.where(ok, i, 0)
+    return ok & (addresses + np.asarray(lengths, dtype=np.uint64) <= ends[i])
