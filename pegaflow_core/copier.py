@@ -50,9 +50,28 @@ def _load_native() -> Callable[..., None] | None:
     return fn
 
 
-def _address(buffer: memoryview | np.ndarray) -> int:
+def buffer_address(buffer: memoryview | np.ndarray) -> int:
+    """The first byte's address of a buffer (read-only views too)."""
     array = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
     return array.__array_interface__["data"][0]
+
+
+def block_segments(
+    layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int], blocks: Sequence[memoryview]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``[blocks, planes]`` arrays: engine address, stored-block address, length. Every memory
+    kind copies these segments; only how it copies them differs."""
+    planes = layout.planes
+    base = np.array([regions[p.region].base + p.offset for p in planes], dtype=np.uint64)
+    stride = np.array([p.block_stride for p in planes], dtype=np.uint64)
+    size = np.array([p.block_bytes for p in planes], dtype=np.uint64)
+    offset = np.array(layout.plane_offsets(), dtype=np.uint64)
+    ids = np.asarray(block_ids, dtype=np.uint64)
+    starts = np.fromiter((buffer_address(b) for b in blocks), dtype=np.uint64, count=len(blocks))
+    engine = base[None, :] + ids[:, None] * stride[None, :]
+    stored = starts[:, None] + offset[None, :]
+    length = np.broadcast_to(size, engine.shape)
+    return engine, stored, length
 
 
 class HostCopier:
@@ -71,7 +90,7 @@ class HostCopier:
         """Copy engine block ``block_ids[i]`` (all planes) into ``dests[i]``."""
         if not block_ids:
             return
-        engine, stored, length = self._segments(layout, regions, block_ids, dests)
+        engine, stored, length = block_segments(layout, regions, block_ids, dests)
         self._copy(regions[0].pid, stored, engine, length, into_engine=False)
 
     def scatter(
@@ -87,29 +106,12 @@ class HostCopier:
         rows = [i for i, s in enumerate(sources) if s is not None]
         groups = layout.layer_groups()
         if rows:
-            engine, stored, length = self._segments(layout, regions, [block_ids[i] for i in rows], [sources[i] for i in rows])
+            engine, stored, length = block_segments(layout, regions, [block_ids[i] for i in rows], [sources[i] for i in rows])
         for done, group in enumerate(groups, start=1):
             if rows:
                 self._copy(regions[0].pid, engine[:, group], stored[:, group], length[:, group], into_engine=True)
             if on_layer is not None:
                 on_layer(done)
-
-    @staticmethod
-    def _segments(
-        layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int], blocks: Sequence[memoryview]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``[blocks, planes]`` arrays: engine address, stored-block address, length."""
-        planes = layout.planes
-        base = np.array([regions[p.region].base + p.offset for p in planes], dtype=np.uint64)
-        stride = np.array([p.block_stride for p in planes], dtype=np.uint64)
-        size = np.array([p.block_bytes for p in planes], dtype=np.uint64)
-        offset = np.array(layout.plane_offsets(), dtype=np.uint64)
-        ids = np.asarray(block_ids, dtype=np.uint64)
-        starts = np.fromiter((_address(b) for b in blocks), dtype=np.uint64, count=len(blocks))
-        engine = base[None, :] + ids[:, None] * stride[None, :]
-        stored = starts[:, None] + offset[None, :]
-        length = np.broadcast_to(size, engine.shape)
-        return engine, stored, length
 
     def _copy(self, pid: int, dst: np.ndarray, src: np.ndarray, length: np.ndarray, into_engine: bool) -> None:
         """Copy ``length[i]`` bytes from ``src[i]`` to ``dst[i]``. With ``pid`` the engine side of
@@ -125,7 +127,7 @@ class HostCopier:
             fn = self._native or _memmove_each
 
             def part(lo: int, hi: int) -> None:
-                fn(_address(dst[lo:]), _address(src[lo:]), _address(length[lo:]), hi - lo)
+                fn(buffer_address(dst[lo:]), buffer_address(src[lo:]), buffer_address(length[lo:]), hi - lo)
 
         if self._pool is None or n < 4 * self.threads:
             part(0, n)
