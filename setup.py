@@ -12,9 +12,17 @@ OUT = ROOT / "pegaflow_core" / "_proto"
 
 
 def generate_proto() -> None:
-    from grpc_tools import protoc
+    try:
+        from grpc_tools import protoc
 
-    import grpc_tools
+        import grpc_tools
+    except ImportError:
+        # Machines without grpcio-tools (an offline GPU box) can build from a tree that already
+        # holds the generated code, e.g. one generated elsewhere and copied in.
+        if (OUT / "pegaflow_pb2.py").exists():
+            print("warning: grpcio-tools is not installed; using the generated code already in pegaflow_core/_proto")
+            return
+        raise SystemExit("building pegaflow-core from source needs grpcio-tools (pip install grpcio-tools)") from None
 
     protos = sorted(PROTO_ROOT.rglob("*.proto"))
     if not protos:

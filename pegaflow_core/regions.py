@@ -98,6 +98,25 @@ def _cuda_ipc_region(storage: Any, device: int) -> Region:
 
     shared = storage._share_cuda_()
     # (device, handle, storage_size_bytes, storage_offset_bytes, ref_counter_handle, ...)
-    handle, size, offset = bytes(shared[1]), int(shared[2]), int(shared[3])
+    handle, size, offset = _raw_ipc_handle(bytes(shared[1])), int(shared[2]), int(shared[3])
     uuid = str(torch.cuda.get_device_properties(device).uuid)
     return Region(RegionSpec(nbytes=offset + size, kind="cuda_ipc", handle=handle, device=device, device_uuid=uuid), offset)
+
+
+_IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
+
+
+def _raw_ipc_handle(shared: bytes) -> bytes:
+    """The cudaIpcMemHandle_t inside torch's shareable handle. torch prefixes it with a version
+    byte and a type byte ('c': a cudaMalloc block); its expandable segments ('e') are shared by
+    another mechanism that a CUDA IPC handle cannot open."""
+    if len(shared) == _IPC_HANDLE_BYTES:
+        return shared
+    if len(shared) == _IPC_HANDLE_BYTES + 2 and shared[1:2] == b"c":
+        return shared[2:]
+    if len(shared) > 1 and shared[1:2] == b"e":
+        raise ValueError(
+            "the KV cache lives in a torch expandable segment, which cannot be exported as a CUDA IPC handle: "
+            "start the engine with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"
+        )
+    raise ValueError(f"unrecognised torch CUDA IPC handle ({len(shared)} bytes, starting {shared[:2]!r})")

@@ -1,0 +1,1 @@
+"""pegaflow's GPU data path (memory kind ``cuda_ipc``); see docs/gpu.md."""

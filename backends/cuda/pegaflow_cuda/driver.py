@@ -1,0 +1,132 @@
+"""The CUDA driver API through cuda-bindings, reduced to what the copy path needs.
+
+The driver API (not the runtime) because the daemon opens other processes' allocations with IPC
+handles and runs its own kernels, and both want explicit contexts: every thread that calls in
+first makes the device's primary context current (``Device.enter``), which is also the context
+the DRAM tier's cudaHostRegister used, so pinned pool memory is visible to our kernels.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pegaflow_core.errors import PegaflowError
+
+
+class CudaError(PegaflowError):
+    """A CUDA driver or NVRTC call failed; the message names the call and the CUDA error."""
+
+
+def _bindings() -> tuple[Any, Any]:
+    try:
+        from cuda.bindings import driver, nvrtc
+    except ImportError:
+        try:
+            from cuda import cuda as driver, nvrtc  # type: ignore[no-redef]  # cuda-python < 12.6
+        except ImportError:
+            raise CudaError("cuda-bindings is not installed (pip install cuda-bindings)") from None
+    return driver, nvrtc
+
+
+cu, nvrtc = None, None  # bound by init()
+_init_lock = threading.Lock()
+_initialised = False
+
+
+def init() -> None:
+    """Load the bindings and cuInit once; CudaError says why the driver is unusable."""
+    global cu, nvrtc, _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        cu, nvrtc = _bindings()
+        try:
+            (err,) = cu.cuInit(0)
+        except RuntimeError as exc:  # libcuda.so itself is missing (no NVIDIA driver installed)
+            raise CudaError(f"no NVIDIA driver: {exc}") from None
+        if int(err) != 0:
+            raise CudaError(f"cuInit: {_name(err)} (no usable NVIDIA GPU or driver)")
+        _initialised = True
+
+
+def _name(err: Any) -> str:
+    try:
+        found, name = cu.cuGetErrorName(err)
+        if int(found) == 0:
+            return name.decode()
+    except Exception:
+        pass
+    return str(err)
+
+
+def check(result: Any, what: str) -> Any:
+    """Unpack a cuda-bindings ``(err, *values)`` tuple; CudaError naming ``what`` on failure."""
+    if not isinstance(result, tuple):
+        result = (result,)
+    err, values = result[0], result[1:]
+    if int(err) != 0:
+        raise CudaError(f"{what}: {_name(err) if isinstance(err, cu.CUresult) else err}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def normalise_uuid(uuid: str | bytes) -> str:
+    """Lowercase hex digits of a GPU UUID, from torch's ``str(props.uuid)``, nvidia-smi's
+    ``GPU-xxxxxxxx-...`` or the driver's 16 raw bytes: all compare equal."""
+    if isinstance(uuid, bytes):
+        return uuid.hex()
+    text = uuid.strip().lower().removeprefix("gpu-")
+    return "".join(ch for ch in text if ch in "0123456789abcdef")
+
+
+class Device:
+    """One GPU as the daemon uses it: ordinal, primary context and the attributes the copy path
+    depends on."""
+
+    def __init__(self, ordinal: int) -> None:
+        init()
+        self.ordinal = ordinal
+        self.handle = check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+        self.context = check(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
+        self.name = check(cu.cuDeviceGetName(256, self.handle), "cuDeviceGetName").split(b"\0", 1)[0].decode()
+        attr = cu.CUdevice_attribute
+        self.capability = (
+            check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.handle), "attribute"),
+            check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.handle), "attribute"),
+        )
+        self.sm_count = check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.handle), "attribute")
+        # Kernels may use a pinned pool's host addresses as they are only where the device says so.
+        self.host_pointers = bool(check(cu.cuDeviceGetAttribute(
+            attr.CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, self.handle), "attribute"))
+
+    def enter(self) -> None:
+        """Make this device's primary context current in the calling thread."""
+        check(cu.cuCtxSetCurrent(self.context), "cuCtxSetCurrent")
+
+    def close(self) -> None:
+        check(cu.cuDevicePrimaryCtxRelease(self.handle), "cuDevicePrimaryCtxRelease")
+
+
+def device_count() -> int:
+    init()
+    return check(cu.cuDeviceGetCount(), "cuDeviceGetCount")
+
+
+def find_device(uuid: str, ordinal: int) -> int:
+    """This process's ordinal of the GPU with ``uuid`` (or ``ordinal`` when no UUID is given)."""
+    count = device_count()
+    if not uuid:
+        if not 0 <= ordinal < count:
+            raise CudaError(f"device {ordinal} does not exist here ({count} visible GPU(s)) and no device_uuid was given")
+        return ordinal
+    wanted = normalise_uuid(uuid)
+    seen = []
+    for i in range(count):
+        handle = check(cu.cuDeviceGet(i), "cuDeviceGet")
+        found = normalise_uuid(bytes(check(cu.cuDeviceGetUuid(handle), "cuDeviceGetUuid").bytes))
+        if found == wanted:
+            return i
+        seen.append(found)
+    raise CudaError(f"GPU {uuid} is not visible to the daemon (it sees {seen or 'no GPU'}; check CUDA_VISIBLE_DEVICES)")

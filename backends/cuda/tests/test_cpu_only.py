@@ -1,0 +1,64 @@
+"""What pegaflow-cuda does on a machine without a GPU (CI): it installs, says plainly why it cannot
+serve, and a daemon refuses cuda_ipc registrations with that reason while serving everything else."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pegaflow_core import pinned
+from pegaflow_core.client import ContextSpec, PegaflowClient, RegionSpec
+from pegaflow_core.errors import InvalidArgument
+from pegaflow_core.launcher import DaemonProcess
+from pegaflow_core.layout import Plane
+from pegaflow_core.plugins import get_registry
+from pegaflow_cuda import driver
+from pegaflow_cuda.memory import CudaIpcMemory
+
+try:
+    driver.device_count()
+    HAVE_GPU = True
+except driver.CudaError:
+    HAVE_GPU = False
+
+cpu_only = pytest.mark.skipif(HAVE_GPU, reason="this machine has a GPU: tests/test_gpu.py covers it")
+
+
+def test_memory_kind_is_registered():
+    assert get_registry().get("memory", "cuda_ipc") is CudaIpcMemory
+
+
+@cpu_only
+def test_unavailable_without_a_gpu_says_why():
+    found = CudaIpcMemory.availability()
+    assert not found.ok
+    assert "NVIDIA" in found.detail or "cuInit" in found.detail or "cuda-bindings" in found.detail
+
+
+@cpu_only
+def test_daemon_refuses_cuda_ipc_with_the_reason_and_keeps_serving(tmp_path):
+    config = "index: {kind: local}\ntiers: [{kind: dram, capacity: 16mb, chunk: 1mb}]\n"
+    with DaemonProcess(config, workdir=tmp_path) as daemon, PegaflowClient(daemon.endpoint, timeout_s=10) as client:
+        gpu = ContextSpec("ns", 1, (RegionSpec(nbytes=1024, kind="cuda_ipc", handle=b"\0" * 64, device=0),),
+                          (Plane(0, 0, 0, 1024, 1024),))
+        with pytest.raises(InvalidArgument, match=r"regions\[0\]\.kind 'cuda_ipc' cannot be served on this machine: .*"):
+            client.register_context(gpu)
+        assert client.health().status == "serving"
+
+
+@pytest.mark.parametrize("text", ["GPU-618df060-1333-a140-5f34-49e595ae936c", "618DF060-1333-A140-5F34-49E595AE936C",
+                                  bytes.fromhex("618df0601333a1405f3449e595ae936c")])
+def test_uuid_forms_compare_equal(text):
+    assert driver.normalise_uuid(text) == "618df0601333a1405f3449e595ae936c"
+
+
+def test_pinned_ranges_cover_only_whole_segments():
+    base = 1 << 40
+    pinned.add(base, 4096)
+    try:
+        got = pinned.covered(np.array([base, base + 4000, base - 1, base + 4096], dtype=np.uint64),
+                             np.array([4096, 96, 10, 1], dtype=np.uint64))
+        assert got.tolist() == [True, True, False, False]
+    finally:
+        pinned.remove(base)
+    assert not pinned.covered(np.array([base], dtype=np.uint64), np.array([1], dtype=np.uint64)).any()
