@@ -42,8 +42,6 @@ class GdsBenchmark:
 
     @staticmethod
     def run(args: argparse.Namespace) -> dict[str, Any]:
-        import torch
-
         from pegaflow_ssd.bench import _fio_run, _plain_run
 
         from . import cufile
@@ -51,6 +49,10 @@ class GdsBenchmark:
         mode = cufile.probe()
         if isinstance(mode, cufile.GdsUnavailable):
             raise SystemExit(f"bench gds: {mode}")
+        try:
+            import torch
+        except ImportError:
+            raise SystemExit("bench gds: needs torch with CUDA (the GPU buffers are torch tensors)") from None
         if not torch.cuda.is_available():
             raise SystemExit("bench gds: torch sees no CUDA device (the GPU buffers are torch tensors)")
         size, block = parse_size(args.size), parse_size(args.block)
