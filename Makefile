@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e conformance -e connectors/vllm
+WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/gds -e backends/ucx -e conformance -e connectors/vllm
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean

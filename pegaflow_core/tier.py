@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .backend import Backend
 from .buffers import Buffer
+from .device_io import DeviceSegments
 from .errors import PluginError
 from .keys import BlockKey
 
@@ -42,6 +43,7 @@ class TierCapabilities:
     memory: frozenset[MemoryKind] = frozenset({MemoryKind.HOST})
     persistent: bool = False  # contents survive close() and a crash; reopened by the same options
     host_views: bool = False  # implements reserve/commit/abort/view
+    device_io: bool = False  # implements read_into_device/write_from_device (GPU addresses; device_io.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,9 @@ class Tier(Backend, ABC):
 
     #: Blocks found corrupt (checksum mismatch) and answered as misses; the daemon exports it.
     integrity_failures: int = 0
+    #: With ``device_io``: True when loading this tier's hits straight into GPU memory beats
+    #: staging them through the DRAM pool here (``device_io.load_route`` reads it per request).
+    direct_loads: bool = False
     #: True while the tier is still preparing its memory in the background (it serves meanwhile,
     #: more slowly); Health reports it so benchmarks can wait.
     warming: bool = False
@@ -131,6 +136,20 @@ class Tier(Backend, ABC):
     def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
         """Read-only views of committed blocks, valid while the caller holds a lease on them."""
         raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    # -- capability: device_io -----------------------------------------------------------------
+    def read_into_device(self, keys: Sequence[BlockKey], dests: Sequence[DeviceSegments]) -> list[bool]:
+        """Copy each stored block into GPU memory: ``dests[i]`` is a list of ``(device address,
+        nbytes)`` segments that together take the block's bytes in order. ``False`` for a miss or
+        a block that failed verification; the contents of such a destination are unspecified
+        (the caller recomputes it). Bad input (sizes, non-GPU addresses) raises InvalidArgument
+        before any byte moves. The caller keeps the memory alive until the call returns."""
+        raise PluginError(f"tier {self.kind!r} does not offer device I/O")
+
+    def write_from_device(self, keys: Sequence[BlockKey], sources: Sequence[DeviceSegments]) -> list[bool]:
+        """``put`` from GPU memory: ``sources[i]`` are the segments of block i in order. Same
+        answers as ``put`` (False where full, True for a key already stored)."""
+        raise PluginError(f"tier {self.kind!r} does not offer device I/O")
 
     # -- context manager -----------------------------------------------------------------------
     def __enter__(self) -> Tier:

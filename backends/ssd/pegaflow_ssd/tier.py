@@ -37,7 +37,8 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -58,7 +59,7 @@ from pegaflow_core.buffers import Buffer
 from pegaflow_core.sizes import Size, format_size
 
 from . import segments as segfiles
-from .engine import IORequest, open_engine
+from .engine import Engine, IORequest, open_engine
 from .format import FLAG_DEAD, PAGE, HeaderState, encode_key, pack_header, parse_header, payload_hash, record_bytes
 from .options import MIB, SsdOptions
 
@@ -71,7 +72,8 @@ COMPACT_BATCH = 32 * MIB  # live bytes read back per compaction round
 
 
 class _Record:
-    """Where one stored block lives."""
+    """Where one stored block lives. Subclasses reading records through another I/O path (see
+    ``reading_records``) use ``path``, ``payload_offset``, ``payload_len`` and ``phash``."""
 
     __slots__ = ("seg", "offset", "length", "payload_len", "seq", "phash", "key_bytes")
 
@@ -83,6 +85,18 @@ class _Record:
         self.seq = seq
         self.phash = phash
         self.key_bytes = key_bytes
+
+    @property
+    def path(self) -> Path:
+        return self.seg.path
+
+    @property
+    def payload_offset(self) -> int:
+        """File offset of the payload (after the header page): 4 KiB-aligned."""
+        return self.offset + PAGE
+
+
+StoredRecord = _Record  # the name subclasses and their docs use
 
 
 class _Segment:
@@ -104,15 +118,41 @@ class _Segment:
 @dataclass(eq=False)
 class _Plan:
     """A record about to be written: where, and with which bytes. ``phash`` is computed while
-    earlier pieces are in flight (see ``_pieces``) unless the caller already knows it."""
+    earlier pieces are in flight (see ``_pieces``) unless the caller already knows it.
+    ``payload`` is None when another I/O path writes the payload (``append_records``); ``source``
+    is then the index of the block in the caller's batch."""
 
     key_bytes: bytes
     seq: int
-    payload: memoryview
+    payload: memoryview | None
     seg: _Segment
     offset: int
     phash: int | None = None
     ok: bool = True
+    payload_len: int = -1
+    source: int = -1
+
+    def __post_init__(self) -> None:
+        if self.payload_len < 0:
+            assert self.payload is not None
+            self.payload_len = len(self.payload)
+
+    @property
+    def payload_offset(self) -> int:
+        return self.offset + PAGE
+
+    @property
+    def path(self) -> Path:
+        return self.seg.path
+
+    @property
+    def fd(self) -> int:
+        """The segment's O_DIRECT descriptor (for header pages written through ``engine``)."""
+        return self.seg.fd
+
+
+PlannedRecord = _Plan  # the name subclasses and their docs use
+WriteRecords = Callable[[list[_Plan]], None]
 
 
 def _keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
@@ -367,9 +407,33 @@ class SsdTier(Tier):
         if len(keys) != len(blocks):
             raise InvalidArgument(f"blocks: expected one block per key ({len(keys)}), got {len(blocks)}")
         sources = [byte_view(block, what=f"blocks[{i}]") for i, block in enumerate(blocks)]
+        return self._append(keys, [len(view) for view in sources], sources, None, "blocks")
+
+    def append_records(self, keys: Sequence[BlockKey], sizes: Sequence[int], write: WriteRecords,
+                       what: str = "blocks") -> list[bool]:
+        """``put`` for a subclass whose payloads come from elsewhere (GPU memory): same answers,
+        same log, reclaim and durability. ``write(plans)`` is called (with the writer lock held)
+        for each run of new records; each ``PlannedRecord`` names ``source`` (the index in this
+        batch), ``path``/``fd``, ``offset`` (the header page), ``payload_offset`` and
+        ``payload_len``. It must write the payload, set ``phash`` to the payload's xxhash64, write
+        the header page (``format.pack_header`` into a page written at ``offset`` with
+        ``self.engine``) and set ``ok = False`` on a record that failed. The tier then fdatasyncs
+        (with ``fsync``) and publishes the records that are ok."""
+        keys = _keys(keys)
+        if len(keys) != len(sizes):
+            raise InvalidArgument(f"{what}: expected one block per key ({len(keys)}), got {len(sizes)}")
+        return self._append(keys, list(sizes), None, write, what)
+
+    @property
+    def engine(self) -> Engine:
+        """The O_DIRECT I/O engine (for a subclass's header pages); one batch at a time."""
+        return self._engine
+
+    def _append(self, keys: list[BlockKey], sizes: list[int], sources: list[memoryview] | None,
+                write: WriteRecords | None, what: str) -> list[bool]:
         encoded = [encode_key(key) for key in keys]
-        for i, view in enumerate(sources):
-            self._check_fits(len(view), f"blocks[{i}]")
+        for i, size in enumerate(sizes):
+            self._check_fits(size, f"{what}[{i}]")
         results = [False] * len(keys)
         with self._write_lock:
             first: dict[BlockKey, int] = {}
@@ -386,34 +450,39 @@ class SsdTier(Tier):
                         todo.append(i)
             plans: list[tuple[int, _Plan]] = []
             for i in todo:
-                length = record_bytes(len(sources[i]))
+                length = record_bytes(sizes[i])
                 where = self._allocate(length, reclaim=False)
                 if where is None:
                     # Write what is allocated before reclaiming: a reclaim then never runs while
                     # records of this batch are still unwritten in the log, and what is already
                     # allocated is on disk before anything is moved or zeroed.
-                    self._flush(keys, plans, results)
+                    self._flush(keys, plans, results, write)
                     plans = []
                     where = self._allocate(length)
                 if where is None:  # full even after reclaiming: the rest of the batch answers False
                     break
                 seg, offset = where
-                plans.append((i, _Plan(encoded[i], self._take_seq(), sources[i], seg, offset)))
-            self._flush(keys, plans, results)
+                payload = sources[i] if sources is not None else None
+                plans.append((i, _Plan(encoded[i], self._take_seq(), payload, seg, offset, payload_len=sizes[i], source=i)))
+            self._flush(keys, plans, results, write)
         for i, key in enumerate(keys):
             results[i] = results[first[key]]
         return results
 
-    def _flush(self, keys: list[BlockKey], plans: list[tuple[int, _Plan]], results: list[bool]) -> None:
-        """Write planned records and publish those that reached the disk."""
-        self._write([p for _, p in plans])
-        with self._lock:
-            for i, plan in plans:
-                if plan.ok:
-                    self._publish(keys[i], plan)
-                    results[i] = True
-                else:
-                    self._abandon(plan)
+    def _flush(self, keys: list[BlockKey], plans: list[tuple[int, _Plan]], results: list[bool],
+               write: WriteRecords | None = None) -> None:
+        """Write planned records and publish those that reached the disk (none if the write
+        raised: their space is abandoned, never left pending)."""
+        try:
+            self._write([p for _, p in plans], write)
+        finally:
+            with self._lock:
+                for i, plan in plans:
+                    if plan.ok and plan.phash is not None:
+                        self._publish(keys[i], plan)
+                        results[i] = True
+                    else:
+                        self._abandon(plan)
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
         keys = _keys(keys)
@@ -421,33 +490,54 @@ class SsdTier(Tier):
             raise InvalidArgument(f"dests: expected one destination per key ({len(keys)}), got {len(dests)}")
         targets = [byte_view(dest, writable=True, what=f"dests[{i}]") for i, dest in enumerate(dests)]
         results = [False] * len(keys)
+        with self.reading_records(keys, [len(t) for t in targets]) as reading:
+            if reading:
+                self._engine.run(self._read_requests(keys, targets, reading, results))
+        return results
+
+    @contextmanager
+    def reading_records(self, keys: Sequence[BlockKey], sizes: Sequence[int],
+                        what: str = "dests") -> Iterator[list[tuple[int, StoredRecord]]]:
+        """The stored records of ``keys`` as ``(index in the batch, StoredRecord)`` in file order,
+        pinned for the ``with`` block: their segments are not zeroed, reused or closed until it
+        ends, so a subclass can read them through another I/O path. Missing keys (and every key
+        while a background rebuild runs) are left out. A stored block whose size differs from
+        ``sizes[i]`` raises InvalidArgument before anything is pinned. A subclass verifies what it
+        read against ``record.phash`` and reports a mismatch with ``reject_record``."""
         reading: list[tuple[int, _Record]] = []
         with self._lock:
             self._check_open()
-            if not self._loaded.is_set():
-                return results  # still rebuilding: a miss now beats a stall on the load path
-            for i, key in enumerate(keys):
-                rec = self._index.get(key)
-                if rec is None:
-                    continue
-                if rec.payload_len != len(targets[i]):
-                    raise InvalidArgument(
-                        f"dests[{i}]: block {key!r} is {rec.payload_len} bytes, the destination is {len(targets[i])} bytes"
-                    )
-                reading.append((i, rec))
-            for _, rec in reading:
-                rec.seg.readers += 1
-        if not reading:
-            return results
+            if self._loaded.is_set():  # still rebuilding: a miss now beats a stall on the load path
+                for i, key in enumerate(keys):
+                    rec = self._index.get(key)
+                    if rec is None:
+                        continue
+                    if rec.payload_len != sizes[i]:
+                        raise InvalidArgument(
+                            f"{what}[{i}]: block {key!r} is {rec.payload_len} bytes, the destination is {sizes[i]} bytes"
+                        )
+                    reading.append((i, rec))
+                for _, rec in reading:
+                    rec.seg.readers += 1
         reading.sort(key=lambda item: (item[1].seg.id, item[1].offset))
         try:
-            self._engine.run(self._read_requests(keys, targets, reading, results))
+            yield reading
         finally:
-            with self._lock:
-                for _, rec in reading:
-                    rec.seg.readers -= 1
-                self._idle.notify_all()
-        return results
+            if reading:
+                with self._lock:
+                    for _, rec in reading:
+                        rec.seg.readers -= 1
+                    self._idle.notify_all()
+
+    def reject_record(self, rec: StoredRecord, reason: str) -> None:
+        """A record read through another path failed verification: count it in
+        ``integrity_failures``, log it with file and offset, and drop it from the index (a miss
+        from now on, so the block is computed and saved again)."""
+        with self._lock:
+            key = BlockKey.decode(rec.key_bytes)
+            if self._index.get(key) is rec:
+                self._drop(key, rec)
+            self._integrity_failure(rec.seg, rec.offset, reason)
 
     def _read_requests(self, keys: list[BlockKey], targets: list[memoryview], reading: list[tuple[int, _Record]],
                        results: list[bool]) -> Iterator[IORequest]:
@@ -479,10 +569,7 @@ class SsdTier(Tier):
                     reason = "payload xxhash64 mismatch"
             elif state == HeaderState.EMPTY:
                 reason = "header page is all zeros"
-        with self._lock:
-            if self._index.get(BlockKey.decode(rec.key_bytes)) is rec:
-                self._drop(BlockKey.decode(rec.key_bytes), rec)
-            self._integrity_failure(rec.seg, rec.offset, reason)
+        self.reject_record(rec, reason)
         return None
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
@@ -536,25 +623,19 @@ class SsdTier(Tier):
         self._next_seq += 1
         return seq
 
-    def _write(self, plans: list[_Plan]) -> None:
-        """Stream the records to disk, contiguous runs split into WRITE_PIECE pieces; mark the
-        plans of failed pieces not ok. fdatasync the touched segments when ``fsync`` is on."""
+    def _write(self, plans: list[_Plan], write: WriteRecords | None = None) -> None:
+        """Write the records (``write``, or the host path), mark failed ones not ok, and
+        fdatasync the touched segments when ``fsync`` is on."""
         if not plans:
             return
-        runs: list[list[_Plan]] = []
-        for plan in plans:
-            last = runs[-1][-1] if runs else None
-            if last is not None and last.seg is plan.seg and last.offset + record_bytes(len(last.payload)) == plan.offset:
-                runs[-1].append(plan)
-            else:
-                runs.append([plan])
-        self._engine.run(self._pieces(runs))
-        for plan in plans:
-            if not plan.ok and plan.seg is self._open:
-                # A failed write leaves a hole; nothing may be appended behind it, or a scan
-                # (which stops at a hole) would never reach the later records.
-                plan.seg.state = _Segment.SEALED
-                self._open = None
+        try:
+            (write or self._write_host)(plans)
+        except BaseException:
+            for plan in plans:  # nothing of this run is published; the space is abandoned
+                plan.ok = False
+            self._seal_after_failure(plans)
+            raise
+        self._seal_after_failure(plans)
         if self.options.fsync:
             for seg in {id(p.seg): p.seg for p in plans if p.ok}.values():
                 try:
@@ -565,13 +646,33 @@ class SsdTier(Tier):
                         if plan.seg is seg:
                             plan.ok = False
 
+    def _write_host(self, plans: list[_Plan]) -> None:
+        """Stream the records to disk, contiguous runs split into WRITE_PIECE pieces; mark the
+        plans of failed pieces not ok."""
+        runs: list[list[_Plan]] = []
+        for plan in plans:
+            last = runs[-1][-1] if runs else None
+            if last is not None and last.seg is plan.seg and last.offset + record_bytes(last.payload_len) == plan.offset:
+                runs[-1].append(plan)
+            else:
+                runs.append([plan])
+        self._engine.run(self._pieces(runs))
+
+    def _seal_after_failure(self, plans: list[_Plan]) -> None:
+        for plan in plans:
+            if not plan.ok and plan.seg is self._open:
+                # A failed write leaves a hole; nothing may be appended behind it, or a scan
+                # (which stops at a hole) would never reach the later records.
+                plan.seg.state = _Segment.SEALED
+                self._open = None
+
     def _pieces(self, runs: list[list[_Plan]]) -> Iterator[IORequest]:
         for run in runs:
             start = run[0].offset
-            end = run[-1].offset + record_bytes(len(run[-1].payload))
+            end = run[-1].offset + record_bytes(run[-1].payload_len)
             for piece in range(start, end, WRITE_PIECE):
                 length = min(WRITE_PIECE, end - piece)
-                covered = [p for p in run if p.offset < piece + length and p.offset + record_bytes(len(p.payload)) > piece]
+                covered = [p for p in run if p.offset < piece + length and p.offset + record_bytes(p.payload_len) > piece]
 
                 def fill(buf: memoryview, base: int = piece, covered: list[_Plan] = covered) -> None:
                     _fill(buf, base, covered)
@@ -587,14 +688,14 @@ class SsdTier(Tier):
     def _publish(self, key: BlockKey, plan: _Plan) -> None:
         """Make a written record visible. Its space was counted as live when it was allocated."""
         assert plan.phash is not None
-        self._index[key] = _Record(plan.seg, plan.offset, len(plan.payload), plan.seq, plan.phash, plan.key_bytes)
+        self._index[key] = _Record(plan.seg, plan.offset, plan.payload_len, plan.seq, plan.phash, plan.key_bytes)
         plan.seg.pending -= 1
 
     def _abandon(self, plan: _Plan) -> None:
         """A record whose write failed (or lost a race): its space is dead."""
         plan.seg.pending -= 1
         plan.seg.live -= 1
-        plan.seg.live_bytes -= record_bytes(len(plan.payload))
+        plan.seg.live_bytes -= record_bytes(plan.payload_len)
 
     def _drop(self, key: BlockKey, rec: _Record) -> None:
         del self._index[key]
@@ -752,6 +853,7 @@ class SsdTier(Tier):
             for key in [k for k, r in self._index.items() if r.seg is seg]:  # only after a failed move
                 self._drop(key, self._index[key])
         if len(self._segments) > self.max_segments:  # capacity was lowered: give the file back
+            self._segment_closing(seg.path)
             os.close(seg.fd)
             seg.path.unlink(missing_ok=True)
             with self._lock:
@@ -784,8 +886,13 @@ class SsdTier(Tier):
                 f"segment_size {self.segment_size} ({format_size(self.segment_size)}); raise segment_size"
             )
 
+    def _segment_closing(self, path: Path) -> None:
+        """A segment file is about to be closed and deleted: a subclass drops its own handles to
+        it (a new segment may later be created under the same name)."""
+
     def _release_files(self) -> None:
         for seg in self._segments.values():
+            self._segment_closing(seg.path)
             try:
                 os.close(seg.fd)
             except OSError:
@@ -802,7 +909,8 @@ def _fill(buf: memoryview, base: int, covered: list[_Plan]) -> None:
     end = base + len(buf)
     pos = base
     for plan in covered:
-        payload_len = len(plan.payload)
+        payload_len = plan.payload_len
+        assert plan.payload is not None, "records without a host payload are written by their own path"
         if plan.offset > pos:  # not expected inside a run, but never leave garbage
             buf[pos - base : plan.offset - base] = bytes(plan.offset - pos)
         hdr_end = plan.offset + PAGE
