@@ -22,6 +22,7 @@ import enum
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .backend import is_int
 from .errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -71,14 +72,10 @@ def check_device_segments(batch: Sequence[Any], count: int, what: str) -> list[l
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise InvalidArgument(f"{what}[{i}][{j}]: expected a (device address, nbytes) pair, got {pair!r}")
             addr, nbytes = pair
-            if not _is_int(addr) or addr <= 0:
+            if not is_int(addr) or addr <= 0:
                 raise InvalidArgument(f"{what}[{i}][{j}]: expected a device address above 0, got {addr!r}")
-            if not _is_int(nbytes) or nbytes <= 0:
+            if not is_int(nbytes) or nbytes <= 0:
                 raise InvalidArgument(f"{what}[{i}][{j}]: expected a length above 0, got {nbytes!r}")
             pairs.append((int(addr), int(nbytes)))
         out.append(pairs)
     return out
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
