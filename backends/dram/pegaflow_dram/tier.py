@@ -102,7 +102,6 @@ class DramTier(Tier):
             numa_strict=options.numa != "auto",
         )
         self._pinned: list[pinning.Pinned] = []  # chunk 0 at start, the rest as the warm-up pins them
-        self._chunk_span = (self._pool.address, options.chunk)
         try:
             pin_note = self._pin(options.pin)
         except BaseException:
@@ -190,8 +189,7 @@ class DramTier(Tier):
                      "pinned" if self._pinned else "faulted in", time.monotonic() - started)
 
     def _pin_chunk(self, index: int) -> None:
-        base, chunk = self._chunk_span
-        pinned = pinning.pin(base + index * chunk, chunk)
+        pinned = pinning.pin(self._pool.address + index * self.options.chunk, self.options.chunk)
         with self._lock:
             if self._closed:
                 pinned.release()
@@ -364,8 +362,7 @@ class DramTier(Tier):
     def _pin_first_chunk(self) -> None:
         """Pin chunk 0 now: it proves pinning works here (or fails the start with the reason when
         'always' asks for it) and gives the allocator a pinned chunk before the warm-up starts."""
-        base, chunk = self._chunk_span
-        self._pinned.append(pinning.pin(base, chunk))
+        self._pinned.append(pinning.pin(self._pool.address, self.options.chunk))
 
     # -- Backend hooks ------------------------------------------------------------------------
     @classmethod
