@@ -90,7 +90,7 @@ class Device:
         self.ordinal = ordinal
         self.handle = check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
         self.context = check(cu.cuDevicePrimaryCtxRetain(self.handle), "cuDevicePrimaryCtxRetain")
-        self.name = check(cu.cuDeviceGetName(256, self.handle), "cuDeviceGetName").split(b"\0", 1)[0].decode()
+        self.name = device_name(ordinal)
         attr = cu.CUdevice_attribute
         self.capability = (
             check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, self.handle), "attribute"),
@@ -107,6 +107,13 @@ class Device:
 
     def close(self) -> None:
         check(cu.cuDevicePrimaryCtxRelease(self.handle), "cuDevicePrimaryCtxRelease")
+
+
+def device_name(ordinal: int) -> str:
+    """The GPU's name, without creating a context on it (``pegaflow backends`` only asks)."""
+    init()
+    handle = check(cu.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
+    return check(cu.cuDeviceGetName(256, handle), "cuDeviceGetName").split(b"\0", 1)[0].decode()
 
 
 def device_count() -> int:

@@ -61,7 +61,7 @@ class CudaIpcMemory(EngineMemory):
             return Availability(False, str(exc))
         if count == 0:
             return Availability(False, "no CUDA device visible")
-        names = sorted({Device(i).name for i in range(count)})
+        names = sorted({driver.device_name(i) for i in range(count)})
         return Availability(True, f"{count} GPU(s): {', '.join(names)}; copy kernel compiled with NVRTC at first use")
 
     # -- registration ---------------------------------------------------------------------------
