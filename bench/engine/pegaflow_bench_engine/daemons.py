@@ -14,7 +14,7 @@ MIB = 1 << 20
 def chunk_for(block_bytes: int, capacity: int) -> int:
     """A slab chunk that holds a block, as large as the pool allows (fewer chunks to pin) up to the
     tier's default of 64 MiB."""
-    chunk = 64 << 10
+    chunk = 4096
     while chunk < block_bytes:
         chunk *= 2
     while chunk < 64 * MIB and chunk * 32 <= capacity:

@@ -62,17 +62,25 @@ class EngineProcess:
         self._lines: queue.Queue[str] = queue.Queue()
 
     def start(self, timeout_s: float = 600.0) -> EngineProcess:
+        return self.launch().wait_ready(timeout_s)
+
+    def launch(self) -> EngineProcess:
+        """Start the process without waiting (several engines start in parallel, as on a server)."""
         stderr = open(self.log_path, "a") if self.log_path else subprocess.DEVNULL
-        launched = time.perf_counter()
+        self._launched = time.perf_counter()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pegaflow_bench_engine.worker", json.dumps(asdict(self.spec))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
+            preexec_fn=_die_with_parent,
         )
         if stderr is not subprocess.DEVNULL:
             stderr.close()
         threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True).start()
+        return self
+
+    def wait_ready(self, timeout_s: float = 600.0) -> EngineProcess:
         self.ready = self._read(timeout_s)
-        self.start_to_ready_s = time.perf_counter() - launched
+        self.start_to_ready_s = time.perf_counter() - self._launched
         if self.ready.get("event") != "ready":
             raise RuntimeError(f"engine {self.spec.instance_id} sent {self.ready!r} instead of 'ready'")
         return self
@@ -123,6 +131,13 @@ class EngineProcess:
             self.proc.wait(30)
         except (OSError, subprocess.TimeoutExpired):
             self.kill()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the benchmark dies, so no engine is left holding a GPU."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def build_engine(spec: EngineSpec) -> Any:

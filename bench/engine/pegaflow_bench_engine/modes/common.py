@@ -16,12 +16,13 @@ class KVServer:
 
     backend_name = "pegaflow"
 
-    def __init__(self, settings: Settings, dram: int, ssd_capacity: int = 0, pool_name: str | None = None) -> None:
+    def __init__(self, settings: Settings, dram: int, ssd_capacity: int = 0, pool_name: str | None = None,
+                 shm_dir: str | None = None) -> None:
         block = settings.shape.block_bytes
         if ssd_capacity:
             config = daemons.ssd_config(dram, settings.ssd_dir, ssd_capacity, block, settings.gpu)
         else:
-            config = daemons.dram_config(dram, block, settings.gpu, pool_name=pool_name)
+            config = daemons.dram_config(dram, block, settings.gpu, pool_name=pool_name, shm_dir=shm_dir)
         from pegaflow_core.launcher import DaemonProcess
 
         self._daemon = DaemonProcess(config)
