@@ -20,10 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pegaflow_core.errors import InvalidArgument
 
 from .shapes import PRESETS, ModelShape, tiny
 
@@ -58,7 +59,7 @@ class Settings:
     tp: int
     warmup_tokens: int
     pool_size: int | None
-    ssd_dir: str
+    ssd_dir: str  # "": a temporary directory under /var/tmp, removed afterwards
     out_dir: Path
     seed: int
     tied: bool | None
@@ -120,18 +121,18 @@ def resolve(args: argparse.Namespace) -> Settings:
     try:
         import torch
     except ImportError:
-        raise SystemExit("pegaflow bench engine needs torch: install the build for this machine "
+        raise InvalidArgument("pegaflow bench engine needs torch: install the build for this machine "
                          "(CPU: pip install torch --index-url https://download.pytorch.org/whl/cpu)") from None
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
+        raise InvalidArgument(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__})")
     if device != "cpu" and not device.startswith("cuda"):
-        raise SystemExit(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+        raise InvalidArgument(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     size = args.size or ("full" if device.startswith("cuda") else "tiny")
     if args.backend == "reference" and (not device.startswith("cuda") or args.mode not in ("ttft", "restart")):
-        raise SystemExit("--backend reference runs on a GPU (pegaflow-llm registers CUDA IPC handles only) and for "
+        raise InvalidArgument("--backend reference runs on a GPU (pegaflow-llm registers CUDA IPC handles only) and for "
                          "modes ttft and restart")
     preset = PRESETS["mla" if args.mode == "mla" else "llama"]
     base = preset if size == "full" else tiny(preset)
@@ -141,23 +142,23 @@ def resolve(args: argparse.Namespace) -> Settings:
     try:
         shape = base.scaled(**overrides)
     except ValueError as exc:
-        raise SystemExit(f"model shape: {exc}") from None
+        raise InvalidArgument(f"model shape: {exc}") from None
+    if args.mode == "mla" and (shape.q_heads % (args.tp or 1) or shape.mlp % (args.tp or 1)):
+        raise InvalidArgument(f"--tp {args.tp} must divide the heads ({shape.q_heads}) and the MLP width ({shape.mlp})")
     counts = {k: (getattr(args, k) if getattr(args, k) is not None else v) for k, v in _DEFAULTS[size].items()}
     for key, value in counts.items():
         if value <= 0 and key != "warmup_tokens":
-            raise SystemExit(f"--{key.replace('_', '-')} must be > 0, got {value}")
+            raise InvalidArgument(f"--{key.replace('_', '-')} must be > 0, got {value}")
     if counts["prompt_tokens"] < 2 * shape.block_size:
-        raise SystemExit(f"--prompt-tokens must be at least two blocks ({2 * shape.block_size}), got {counts['prompt_tokens']}")
+        raise InvalidArgument(f"--prompt-tokens must be at least two blocks ({2 * shape.block_size}), got {counts['prompt_tokens']}")
     pool = None
     if args.pool_size:
-        from pegaflow_core.errors import InvalidArgument
         from pegaflow_core.sizes import parse_size
 
         try:
             pool = parse_size(args.pool_size)
         except InvalidArgument as exc:
-            raise SystemExit(f"--pool-size: {exc}") from None
+            raise InvalidArgument(f"--pool-size: {exc}") from None
     out = Path(args.out or os.environ.get("OUT") or ".")
-    ssd_dir = args.ssd_dir or tempfile.mkdtemp(prefix="pegaflow-bench-ssd-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
     return Settings(mode=args.mode, size=size, device=device, shape=shape, backend=args.backend, pool_size=pool,
-                    ssd_dir=ssd_dir, out_dir=out, seed=args.seed, tied=args.tied, **counts)
+                    ssd_dir=args.ssd_dir, out_dir=out, seed=args.seed, tied=args.tied, **counts)

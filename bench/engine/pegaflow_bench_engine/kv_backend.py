@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -25,7 +25,7 @@ from .kv_cache import PagedKVCache
 @dataclass(frozen=True)
 class Hit:
     blocks: int
-    lease: str = ""
+    lease: Any = ""  # the backend's lease: pegaflow's id (str), pegaflow-llm's opaque bytes
     wait_s: float = 0.0  # time spent waiting while the daemon promoted blocks from a lower tier
     queries: int = 1
 

@@ -3,7 +3,12 @@ and the in-process engine."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from ..bench import Settings
@@ -16,11 +21,11 @@ class KVServer:
 
     backend_name = "pegaflow"
 
-    def __init__(self, settings: Settings, dram: int, ssd_capacity: int = 0, pool_name: str | None = None,
-                 shm_dir: str | None = None) -> None:
+    def __init__(self, settings: Settings, dram: int, ssd_dir: str = "", ssd_capacity: int = 0,
+                 pool_name: str | None = None, shm_dir: str | None = None) -> None:
         block = settings.shape.block_bytes
-        if ssd_capacity:
-            config = daemons.ssd_config(dram, settings.ssd_dir, ssd_capacity, block, settings.gpu)
+        if ssd_dir:
+            config = daemons.ssd_config(dram, ssd_dir, ssd_capacity, block, settings.gpu)
         else:
             config = daemons.dram_config(dram, block, settings.gpu, pool_name=pool_name, shm_dir=shm_dir)
         from pegaflow_core.launcher import DaemonProcess
@@ -59,13 +64,27 @@ class KVServer:
         self.close()
 
 
-def kv_server(settings: Settings, dram: int, ssd_capacity: int = 0, pool_name: str | None = None) -> Any:
-    """The server for ``settings.backend``: pegaflow's daemon or pegaflow-llm's Rust server."""
+def kv_server(settings: Settings, dram: int, ssd_dir: str = "", ssd_capacity: int = 0) -> Any:
+    """The server for ``settings.backend``: pegaflow's daemon or pegaflow-llm's Rust server, with an
+    SSD tier under the DRAM one when ``ssd_dir`` is given."""
     if settings.backend == "reference":
         from ..reference_backend import ReferenceServer
 
-        return ReferenceServer(dram, settings.ssd_dir if ssd_capacity else "", ssd_capacity)
-    return KVServer(settings, dram, ssd_capacity, pool_name)
+        return ReferenceServer(dram, ssd_dir, ssd_capacity, device=settings.device)
+    return KVServer(settings, dram, ssd_dir, ssd_capacity)
+
+
+@contextlib.contextmanager
+def ssd_directory(settings: Settings) -> Iterator[str]:
+    """``--ssd-dir``, or a temporary directory on a disk (not tmpfs) removed afterwards."""
+    if settings.ssd_dir:
+        yield settings.ssd_dir
+        return
+    path = tempfile.mkdtemp(prefix="pegaflow-bench-ssd-", dir="/var/tmp" if os.path.isdir("/var/tmp") else None)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def shape_dict(settings: Settings) -> dict[str, Any]:

@@ -25,8 +25,6 @@ from .common import KVServer, shape_dict
 
 def run(settings: Settings) -> dict[str, Any]:
     s, T, N, tp = settings.shape, settings.prompt_tokens, settings.prompts, settings.tp
-    if s.attention != "mla":
-        raise SystemExit("mode mla needs an mla shape")
     rng = random.Random(settings.seed)
     prompts = [random_prompt(rng, T, s.vocab) for _ in range(N)]
     full_blocks = T // s.block_size

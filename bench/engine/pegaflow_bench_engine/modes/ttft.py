@@ -23,7 +23,7 @@ from ..engine import Engine, Prefill
 from ..kv_backend import NoBackend
 from ..report import ratio, say, summary, table, write_sweep
 from ..workload import random_prompt
-from .common import device, kv_server
+from .common import device, kv_server, ssd_directory
 
 SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
@@ -64,7 +64,8 @@ def run(settings: Settings) -> dict[str, Any]:
 
 def _warm_ssd(settings: Settings, engine: Engine, fresh: Any, prompt_bytes: int) -> list[Prefill]:
     N = settings.prompts
-    with kv_server(settings, int(1.5 * prompt_bytes), ssd_capacity=int(prompt_bytes * (N + 3) * 1.5)) as server:
+    with ssd_directory(settings) as ssd_dir, \
+            kv_server(settings, int(1.5 * prompt_bytes), ssd_dir, int(prompt_bytes * (N + 3) * 1.5)) as server:
         engine.use_backend(server.backend())
         prompts = [fresh() for _ in range(N + 2)]
         for p in prompts:
