@@ -66,3 +66,22 @@ def write_sweep(points: Sequence[dict[str, float]], out_dir: Path, title: str) -
     fig.savefig(png)
     plt.close(fig)
     return str(png)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pegaflow_bench_engine.report ttft-vs-prefix.csv [title]``: the PNG from a CSV a
+    machine without matplotlib wrote."""
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        raise SystemExit("usage: python -m pegaflow_bench_engine.report CSV [TITLE]")
+    path = Path(args[0])
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:] if line.strip()]
+    points = [{"cached_tokens": int(a), "prompt_tokens": int(b), "ttft_ms": float(c)} for a, b, c in rows]
+    written = write_sweep(points, path.parent, args[1] if len(args) > 1 else "TTFT vs cached prefix")
+    if not written.endswith(".png"):
+        raise SystemExit("matplotlib is not installed: pip install matplotlib")
+    print(written)
+
+
+if __name__ == "__main__":
+    main()
