@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
-
-from pegaflow_core.launcher import DaemonProcess
 
 MIB = 1 << 20
 
@@ -22,7 +18,7 @@ def chunk_for(block_bytes: int, capacity: int) -> int:
     return chunk
 
 
-def dram_config(capacity: int, block_bytes: int, gpu: bool, pool_name: str | None = None,
+def dram_config(capacity: int, block_bytes: int, pool_name: str | None = None,
                 shm_dir: str | None = None) -> str:
     capacity = max(int(capacity), 4 * chunk_for(block_bytes, capacity))
     tier: dict[str, object] = {"kind": "dram", "capacity": capacity, "chunk": chunk_for(block_bytes, capacity)}
@@ -30,10 +26,10 @@ def dram_config(capacity: int, block_bytes: int, gpu: bool, pool_name: str | Non
         tier["pool_name"] = pool_name
     if shm_dir:
         tier["shm_dir"] = shm_dir
-    return _config([tier], gpu)
+    return _config([tier])
 
 
-def ssd_config(dram_capacity: int, ssd_dir: str, ssd_capacity: int, block_bytes: int, gpu: bool) -> str:
+def ssd_config(dram_capacity: int, ssd_dir: str, ssd_capacity: int, block_bytes: int) -> str:
     """A small DRAM tier over an SSD tier: blocks the DRAM tier evicts spill to the SSD, and a hit
     held only there is promoted (the Query answers ``loading`` meanwhile)."""
     segment = 256 * MIB if ssd_capacity >= 16 * 256 * MIB else max(MIB, -(-4 * (block_bytes + 8192) // 4096) * 4096)
@@ -42,21 +38,10 @@ def ssd_config(dram_capacity: int, ssd_dir: str, ssd_capacity: int, block_bytes:
         {"kind": "dram", "capacity": int(dram_capacity), "chunk": chunk_for(block_bytes, dram_capacity)},
         {"kind": "ssd", "path": ssd_dir, "capacity": ssd_capacity, "segment_size": segment},
     ]
-    return _config(tiers, gpu)
+    return _config(tiers)
 
 
-def _config(tiers: list[dict[str, object]], gpu: bool) -> str:
-    server: dict[str, object] = {"metrics": None}
-    if gpu:
-        server["device"] = 0
-    return json.dumps({"server": server, "index": {"kind": "local"}, "tiers": tiers})  # JSON is YAML
-
-
-def start(config: str, workdir: str | Path | None = None) -> DaemonProcess:
-    """Start a daemon and wait until its pool is faulted in, so timings see the steady state."""
-    from pegaflow_core.client import PegaflowClient
-
-    daemon = DaemonProcess(config, workdir=workdir or tempfile.mkdtemp(prefix="pegaflow-bench-engine-")).start(timeout_s=120)
-    with PegaflowClient(daemon.endpoint, timeout_s=30) as client:
-        client.wait_warm()
-    return daemon
+def _config(tiers: list[dict[str, object]]) -> str:
+    """GPU engines need nothing more: the daemon serves cuda_ipc regions when pegaflow-cuda is
+    installed, and the DRAM tier pins its pool where a GPU is present (``pin: auto``)."""
+    return json.dumps({"server": {"metrics": None}, "index": {"kind": "local"}, "tiers": tiers})  # JSON is YAML

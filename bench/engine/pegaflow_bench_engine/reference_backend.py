@@ -21,6 +21,7 @@ Install it where it cannot shadow pegaflow's own ``pegaflow-server`` script, e.g
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import signal
@@ -47,7 +48,8 @@ def reference_module() -> Any:
         sys.path.insert(0, extra)
     try:
         import pegaflow
-        from pegaflow import pegaflow as native  # noqa: F401  (the Rust extension)
+
+        importlib.import_module("pegaflow.pegaflow")  # the Rust extension, not only the Python part
     except ImportError as exc:
         raise PegaflowError(
             f"--backend reference needs pegaflow-llm ({exc}): pip install --no-deps --target DIR "

@@ -25,9 +25,9 @@ class KVServer:
                  pool_name: str | None = None, shm_dir: str | None = None) -> None:
         block = settings.shape.block_bytes
         if ssd_dir:
-            config = daemons.ssd_config(dram, ssd_dir, ssd_capacity, block, settings.gpu)
+            config = daemons.ssd_config(dram, ssd_dir, ssd_capacity, block)
         else:
-            config = daemons.dram_config(dram, block, settings.gpu, pool_name=pool_name, shm_dir=shm_dir)
+            config = daemons.dram_config(dram, block, pool_name=pool_name, shm_dir=shm_dir)
         from pegaflow_core.launcher import DaemonProcess
 
         self._daemon = DaemonProcess(config)
