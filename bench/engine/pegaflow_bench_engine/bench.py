@@ -75,7 +75,9 @@ class EngineBenchmark:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("mode", choices=MODES, help="what to measure (see `pegaflow bench engine --help`)")
+        p.add_argument("mode", choices=MODES, help="ttft: TTFT cold / warm-DRAM / warm-SSD and vs cached prefix; share: K engines, "
+                       "one shared daemon vs private ones; restart: kill -9 the engine, start again; mla: MLA latent "
+                       "cache with TP ranks as processes")
         p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default %(default)s)")
         p.add_argument("--size", choices=("full", "tiny"), help="full model shapes or CPU-test shapes and counts "
                        "(default: full on a GPU, tiny on CPU)")
