@@ -21,11 +21,14 @@ demo: $(STAMP)
 VLLM_VENV := .venv-vllm
 
 # The whole suite: every workspace package in .venv, then the vLLM connector against the real
-# vLLM package in its own venv (vLLM pins its own torch; it never shares .venv).
+# vLLM package in its own venv (vLLM pins its own torch; it never shares .venv). The reference
+# engine (bench/engine) needs torch too: it runs in that venv's CPU torch, never in .venv.
 test: $(STAMP)
 	$(PY) -m pytest
 	connectors/vllm/setup-test-env.sh $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pytest connectors/vllm
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e backends/ssd -e bench/engine
+	$(VLLM_VENV)/bin/python -m pytest bench/engine
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info

@@ -1,0 +1,1 @@
+"""One module per ``pegaflow bench engine`` mode; each has ``run(settings) -> report``."""
