@@ -153,10 +153,12 @@ class PegaflowRadixCache(RadixCache):
         self._saved_pages[req.rid] = pages
 
     def on_release(self, req: Any, *, checkpointed: bool) -> None:
+        super().on_release(req, checkpointed=checkpointed)
         self._saved_pages.pop(req.rid, None)
         self._forget(req.cache_request_handle)
 
     def release_aborted_request(self, handle: Any) -> None:
+        super().release_aborted_request(handle)
         self._forget(handle)
 
     # -- bookkeeping --------------------------------------------------------------------------------
