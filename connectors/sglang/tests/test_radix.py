@@ -130,7 +130,7 @@ def test_gpu_pages_share_blocks_with_hicache_layer_first_pages(daemon):
         store.close()
 
 
-def radix_cache(daemon, instance, **extra):
+def radix_cache(daemon, instance, layerwise=True):
     from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
     from sglang.srt.mem_cache.cache_init_params import CacheInitParams
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
@@ -142,18 +142,19 @@ def radix_cache(daemon, instance, **extra):
                                             need_sort=False)
     params = CacheInitParams(disable=False, req_to_token_pool=ReqToTokenPool(size=4, max_context_len=128, device="cpu",
                              enable_memory_saver=False), token_to_kv_pool_allocator=allocator, page_size=PAGE)
-    kv = DeviceKV(options(daemon, **extra), Placement("tiny-model"), False, instance)
-    return PegaflowRadixCache(params, kv), pool
+    kv = DeviceKV(options(daemon), Placement("tiny-model"), False, instance)
+    return PegaflowRadixCache(params, kv, layerwise=layerwise), pool
 
 
-def test_radix_cache_admits_a_prefix_another_instance_saved(daemon):
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "sync"])
+def test_radix_cache_admits_a_prefix_another_instance_saved(daemon, layerwise):
     from sglang.srt.mem_cache.base_prefix_cache import CacheRequestHandle, InitLoadBackParams, MatchPrefixParams
     from sglang.srt.mem_cache.radix_cache import RadixKey
 
     from pegaflow_sglang.radix import page_keys
 
-    first, first_pool = radix_cache(daemon, "engine-1")
-    second, second_pool = radix_cache(daemon, "engine-2")
+    first, first_pool = radix_cache(daemon, f"engine-1-{layerwise}")
+    second, second_pool = radix_cache(daemon, f"engine-2-{layerwise}", layerwise=layerwise)
     try:
         tokens = list(range(1000, 1014))  # 3 full pages + 2 tokens
         keys = page_keys(RadixKey(tokens), PAGE)
@@ -167,9 +168,11 @@ def test_radix_cache_admits_a_prefix_another_instance_saved(daemon):
         loaded, node = second.init_load_back(InitLoadBackParams(best_match_node=match.best_match_node,
                                                                  host_hit_length=match.host_hit_length, req=req))
         assert loaded == 12 and len(node.value) == 12
-        counter = second_pool.layer_transfer_counter  # registered on SGLang's KV pool
+        counter = second_pool.layer_transfer_counter  # registered on SGLang's KV pool (layer-wise only)
+        assert (counter is second.kv.waiter) if layerwise else counter is None
         for layer in range(LAYERS):
-            counter.wait_until(layer)
+            if counter is not None:
+                counter.wait_until(layer)
             slots = node.value
             for src, dst in ((first_pool.k_buffer, second_pool.k_buffer), (first_pool.v_buffer, second_pool.v_buffer)):
                 assert torch.equal(dst[layer][slots].view(torch.uint8), src[layer][4:16].view(torch.uint8))
