@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/gds -e backends/ucx -e conformance -e connectors/vllm
+WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/gds -e backends/ucx -e conformance -e connectors/vllm -e connectors/sglang
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test setup clean
@@ -19,16 +19,19 @@ demo: $(STAMP)
 	$(VENV)/bin/pegaflow demo
 
 VLLM_VENV := .venv-vllm
+SGLANG_VENV := .venv-sglang
 
-# The whole suite: every workspace package in .venv, then the vLLM connector against the real
-# vLLM package in its own venv (vLLM pins its own torch; it never shares .venv). The reference
-# engine (bench/engine) needs torch too: it runs in that venv's CPU torch, never in .venv.
+# The whole suite: every workspace package in .venv, then each engine connector against the real
+# engine package in its own venv (vLLM and SGLang pin their own torch; they never share .venv).
+# The reference engine (bench/engine) needs torch too: it runs in the vLLM venv's CPU torch.
 test: $(STAMP)
 	$(PY) -m pytest
 	connectors/vllm/setup-test-env.sh $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pytest connectors/vllm
 	$(VLLM_VENV)/bin/python -m pip install -q --no-deps -e backends/ssd -e bench/engine
 	$(VLLM_VENV)/bin/python -m pytest bench/engine
+	connectors/sglang/setup-test-env.sh $(SGLANG_VENV)
+	$(SGLANG_VENV)/bin/python -m pytest connectors/sglang
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info

@@ -21,8 +21,8 @@ from typing import Any
 
 from pegaflow_core.client import ContextHandle, ContextSpec, PegaflowClient
 from pegaflow_core.errors import PegaflowError
+from pegaflow_core.gate import DaemonGate
 
-from .gate import DaemonGate
 from .kv_layout import CacheLayout
 from .metadata import LoadSpec, PegaflowMetadata, PegaflowWorkerMeta
 from .options import ConnectorOptions
@@ -73,7 +73,7 @@ class PegaflowScheduler:
         self.lease_ttl_s = options.lease_ttl_s or DEFAULT_LEASE_TTL_S
         self.client = PegaflowClient(options.endpoint, timeout_s=options.timeout_s,
                                      description=f"vllm scheduler {instance_id}")
-        self.gate = DaemonGate(options.endpoint, options.retry_interval_s, "vLLM scheduler")
+        self.gate = DaemonGate(options.endpoint, options.retry_interval_s, "vLLM scheduler", log)
         self.stats = PegaflowStats()
         self._handle: ContextHandle | None = None
         if self.can_load:

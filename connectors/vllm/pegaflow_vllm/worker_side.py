@@ -21,9 +21,9 @@ from typing import Any
 
 from pegaflow_core.client import ContextHandle, ContextSpec, LoadHandle, PegaflowClient
 from pegaflow_core.errors import DaemonUnavailable, PegaflowError
+from pegaflow_core.gate import DaemonGate
 from pegaflow_core.layout import Plane
 
-from .gate import DaemonGate
 from .kv_layout import CacheLayout, layer_tensors, merge_cross_layer, planes_of_tensor
 from .metadata import LoadSpec, PegaflowMetadata, PegaflowWorkerMeta
 from .options import ConnectorOptions
@@ -72,7 +72,7 @@ class PegaflowWorker:
         self.num_blocks = 0
         self.client = PegaflowClient(options.endpoint, timeout_s=options.timeout_s,
                                      description=f"vllm worker {instance_id} tp{ranks.tp_rank} pp{ranks.pp_rank}")
-        self.gate = DaemonGate(options.endpoint, options.retry_interval_s, f"vLLM worker tp{ranks.tp_rank}")
+        self.gate = DaemonGate(options.endpoint, options.retry_interval_s, f"vLLM worker tp{ranks.tp_rank}", log)
         self.stats = PegaflowStats()
         self.handle: ContextHandle | None = None
         self.layer_index: dict[str, int] = {}

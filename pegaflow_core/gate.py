@@ -1,5 +1,6 @@
-"""Keeps vLLM serving while the daemon is down: after a failed call, answer 'miss' without
-asking again for a while, and log the outage once (and its end once), not once per request."""
+"""Keeps an engine serving while the daemon is down: after a failed call, answer 'miss' without
+asking again for a while, and log the outage once (and its end once), not once per request.
+Shared by the engine connectors (vLLM, SGLang)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,11 @@ import logging
 import threading
 import time
 
-log = logging.getLogger("pegaflow.vllm")
-
 
 class DaemonGate:
-    def __init__(self, endpoint: str, retry_interval_s: float, who: str) -> None:
+    def __init__(self, endpoint: str, retry_interval_s: float, who: str, logger: logging.Logger | None = None) -> None:
         self.endpoint = endpoint
+        self.log = logger or logging.getLogger("pegaflow.client")
         self.retry_interval_s = retry_interval_s
         self.who = who
         self._lock = threading.Lock()
@@ -29,8 +29,8 @@ class DaemonGate:
             if self.down:
                 return
             self.down = True
-        log.warning("pegaflow daemon at %s unavailable for the %s (%s); serving without the cache "
-                    "(misses) and retrying every %.1fs", self.endpoint, self.who, exc, self.retry_interval_s)
+        self.log.warning("pegaflow daemon at %s unavailable for the %s (%s); serving without the cache "
+                         "(misses) and retrying every %.1fs", self.endpoint, self.who, exc, self.retry_interval_s)
 
     def succeeded(self) -> None:
         if not self.down:
@@ -39,4 +39,4 @@ class DaemonGate:
             if not self.down:
                 return
             self.down = False
-        log.warning("pegaflow daemon at %s is reachable again for the %s", self.endpoint, self.who)
+        self.log.warning("pegaflow daemon at %s is reachable again for the %s", self.endpoint, self.who)
