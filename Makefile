@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e conformance -e connectors/vllm
+WORKSPACE := -e . -e backends/dram -e backends/redis -e 'backends/ssd[uring]' -e backends/ucx -e backends/rdma -e conformance -e connectors/vllm
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-rdma setup clean
 
 $(STAMP): pyproject.toml setup.py proto/pegaflow/v1/*.proto pegaflow_core/native/*.c backends/*/pyproject.toml connectors/*/pyproject.toml conformance/pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(STAMP)
 	$(PY) -m pytest
 	connectors/vllm/setup-test-env.sh $(VLLM_VENV)
 	$(VLLM_VENV)/bin/python -m pytest connectors/vllm
+
+# pegaflow-rdma over real verbs: boots a Debian VM under qemu (software emulation) with soft-RoCE
+# devices and runs the RDMA tests in it (TransportContract, faults, a two-daemon fetch). Needs root;
+# caches the VM's root file system in .cache/rdma-vm/. Not part of `make test`: see docs/rdma.md.
+test-rdma: $(STAMP)
+	PYTHON=$(PY) backends/rdma/vm/test-rdma.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info
