@@ -67,7 +67,8 @@ def select(ports: list[Port], devices: str, numa_node: int = -1, gpu_pci: str = 
            sysfs: Path = Path("/sys")) -> list[Port]:
     """The ports a transport with these options uses, or TransportError saying why there are none.
     Named devices are taken as given (their port must be active); ``auto`` narrows the active
-    ports to those nearest ``gpu_pci``, else to ``numa_node`` (-1: this process's node, -2: any)."""
+    ports to those nearest ``gpu_pci``, else to ``numa_node`` (-1: the node this process is pinned
+    to, if it is; -2: any)."""
     if not ports:
         raise TransportError(f"{NO_DEVICE} (/sys/class/infiniband lists no device)")
     named = parse_devices(devices)
@@ -120,11 +121,11 @@ def _nearest_on_pcie(active: list[Port], gpu_pci: str, sysfs: Path) -> list[Port
 
 
 def current_numa_node(sysfs: Path = Path("/sys")) -> int:
-    """The NUMA node of the first CPU this process may run on; -1 when the machine has one node
-    or says nothing."""
+    """The NUMA node this process is pinned to (every CPU it may run on is on that node); -1 when
+    it may run on several nodes, or the machine has one node or says nothing."""
     try:
-        cpu = min(os.sched_getaffinity(0))
-    except (AttributeError, OSError, ValueError):
+        cpus = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
         return -1
     nodes = sysfs / "devices" / "system" / "node"
     try:
@@ -134,7 +135,7 @@ def current_numa_node(sysfs: Path = Path("/sys")) -> int:
     if len(entries) < 2:
         return -1
     for entry in entries:
-        if cpu in _cpulist(_read(entry / "cpulist", "")):
+        if cpus <= _cpulist(_read(entry / "cpulist", "")):
             return int(entry.name[4:])
     return -1
 

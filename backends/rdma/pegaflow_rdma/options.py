@@ -63,7 +63,7 @@ def _check_gid_index(value: int) -> None:
 
 def _check_numa(value: int) -> None:
     if value < -2:
-        raise ValueError(f"expected a NUMA node >= 0, -1 for the node this daemon runs on, or -2 for any, got {value}")
+        raise ValueError(f"expected a NUMA node >= 0, -1 for the node this daemon is pinned to, or -2 for any, got {value}")
 
 
 def _check_pci(value: str) -> None:
@@ -103,8 +103,8 @@ class RdmaOptions:
     )
     numa_node: int = field(
         default=-1,
-        metadata={"help": "with devices: auto, prefer NICs on this NUMA node; -1: the node this daemon runs on, "
-                          "-2: any", "check": _check_numa},
+        metadata={"help": "with devices: auto, prefer NICs on this NUMA node; -1: the node this daemon is pinned "
+                          "to (numactl --cpunodebind), if it is; -2: any", "check": _check_numa},
     )
     gpu_pci: str = field(
         default="",

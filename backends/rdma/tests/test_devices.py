@@ -82,9 +82,15 @@ def test_auto_narrows_to_a_numa_node(tmp_path: Path) -> None:
     assert [p.device for p in D.select(ports, "auto", numa_node=0, sysfs=root)] == ["mlx5_0", "mlx5_1"]
     assert [p.device for p in D.select(ports, "auto", numa_node=-2, sysfs=root)] == ["mlx5_0", "mlx5_1", "mlx5_2"]
     assert [p.device for p in D.select(ports, "auto", numa_node=5, sysfs=root)] == ["mlx5_0", "mlx5_1", "mlx5_2"]
-    expected = D.current_numa_node(root)  # this process's first CPU, mapped through the fake node table
-    cpu = min(os.sched_getaffinity(0))
-    assert expected == (0 if cpu <= 3 else 1 if cpu <= 7 else -1)
+    cpus = os.sched_getaffinity(0)  # this process: pinned to one fake node, or spanning several
+    expected = 0 if cpus <= set(range(4)) else 1 if cpus <= set(range(4, 8)) else -1
+    assert D.current_numa_node(root) == expected
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})  # pinned: numactl --physcpubind
+        try:
+            assert D.current_numa_node(root) == (0 if min(cpus) <= 3 else 1 if min(cpus) <= 7 else -1)
+        finally:
+            os.sched_setaffinity(0, cpus)
 
 
 def test_named_devices_are_checked(tmp_path: Path) -> None:

@@ -162,9 +162,13 @@ boot() {
   log "passed"
 }
 
-host_tools
-stage_base
-stage_deps
-[[ ${1:-} == --prepare ]] && exit 0  # the cached stages only (e.g. to time them)
-stage_run
-boot
+main() {
+  host_tools
+  stage_base
+  stage_deps
+  [[ ${1:-} == --prepare ]] && return 0  # the cached stages only (e.g. to time them)
+  stage_run
+  boot
+}
+
+main "$@"; exit $?  # one line: bash has read all of it before it runs, so editing this file mid-run is safe
