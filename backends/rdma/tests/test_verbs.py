@@ -93,28 +93,30 @@ def test_adjacent_ops_travel_as_scatter_lists(pair) -> None:
 
 def test_a_queue_pair_forced_into_error_is_replaced_and_nothing_is_lost(pair) -> None:
     reader, owner = pair
-    want = pattern(COUNT * BLOCK, SEED)
+    block, count = 1 << 20, 64  # 2 x 64 MiB: seconds of work for soft-RoCE, so the break lands mid-flight
+    want = pattern(count * block, SEED)
     remote = RemoteRegion(owner.address, owner.register(want).descriptor)
-    local_buffer = np.zeros(COUNT * BLOCK, dtype=np.uint8)
+    local_buffer = np.zeros(count * block, dtype=np.uint8)
     local = reader.register(local_buffer)
     reader.connect(owner.address)
-    futures = [reader.read(gather(local, remote), timeout_s=60) for _ in range(3)]
+    futures = [reader.read(gather(local, remote, count, block), timeout_s=120) for _ in range(2)]
     deadline = time.monotonic() + 10
     while not reader.stats().get("posted") and time.monotonic() < deadline:
         time.sleep(0.001)
     broken = reader.break_connections(owner.address)  # every QP to the owner goes to ERR, mid-transfer
-    assert broken == len(reader.nics) * reader.options.qps_per_nic
+    # (under emulation the stall watchdog may have replaced a slow queue pair already)
+    assert 1 <= broken <= len(reader.nics) * reader.options.qps_per_nic
     for future in futures:
-        future.result(timeout=90)  # the flushed requests were posted again on fresh queue pairs
-    check_gathered(local_buffer, want)
+        future.result(timeout=180)  # the flushed requests were posted again on fresh queue pairs
+    check_gathered(local_buffer, want, count, block)
     stats = reader.stats()
     assert stats["lanes_replaced"] >= broken, stats
-    assert stats["resubmitted"] > 0, f"nothing was in flight when the queue pairs broke: {stats}"
+    assert stats.get("resubmitted", 0) > 0, f"nothing was in flight when the queue pairs broke: {stats}"
     local_buffer[:] = 0
-    reader.read(gather(local, remote)).result(timeout=60)  # and the new queue pairs carry on
-    check_gathered(local_buffer, want)
+    reader.read(gather(local, remote, count, block)).result(timeout=120)  # and the new queue pairs carry on
+    check_gathered(local_buffer, want, count, block)
     print(f"recovery: {broken} queue pairs broken, {stats['lanes_replaced']} replaced, "
-          f"{stats.get('resubmitted', 0)} requests resubmitted")
+          f"{stats['resubmitted']} requests resubmitted, {stats['posted']} posted in all")
 
 
 def test_an_access_error_fails_its_batch_and_the_connection_recovers(pair) -> None:

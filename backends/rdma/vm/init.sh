@@ -3,7 +3,8 @@
 # the RDMA tests over them, print result lines on the serial console, power off.
 # Every line the host reads back starts with PEGAFLOW-RDMA; the last one is PEGAFLOW-RDMA-EXIT <rc>.
 # The kernel hands unknown `key=value` boot parameters to init as environment variables:
-# pegaflow_tests=<comma-separated pytest selections> narrows the run (default: every test).
+# pegaflow_tests=<comma-separated pytest selections> narrows the run (default: every test);
+# pegaflow_bench=1 also runs `pegaflow bench remote` over rdma and over loopback.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8
 mountpoint -q /proc || mount -t proc proc /proc
 mountpoint -q /sys || mount -t sysfs sys /sys
@@ -58,6 +59,11 @@ print(0 if re.search(r"\d+ passed", last) and not re.search(r"failed|error", las
 EOF
 )
 grep -E '^(PASSED|FAILED|ERROR|SKIPPED|XFAIL)|[0-9]+ (passed|failed)' /tmp/pytest.log | while read -r line; do say "$line"; done
+if [ -n "${pegaflow_bench:-}" ]; then  # figures under emulation: ratios only, never speeds
+  for kind in rdma loopback; do
+    pegaflow bench remote --transport "$kind" --blocks 16 --rounds 3 2>&1 | while read -r line; do say "bench $kind: $line"; done
+  done
+fi
 if [ "${rc:-1}" != 0 ]; then
   dmesg | tail -n 30 | while read -r line; do say "dmesg: $line"; done
   rdma res show qp | head -n 20 | while read -r line; do say "qp: $line"; done

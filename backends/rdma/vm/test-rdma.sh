@@ -23,7 +23,8 @@ PACKAGES=rdma-core,ibverbs-providers,ibverbs-utils,python3-pyverbs,python3-pip,k
 # rdma_rxe computes its ICRC with the kernel's crc32 (crypto-crc32, a module in Debian's kernel)
 MODULES=(udp_tunnel ip6_udp_tunnel ib_core ib_uverbs rdma_rxe veth crc32_generic)
 VM_TIMEOUT=${PEGAFLOW_RDMA_VM_TIMEOUT:-1500}
-# PEGAFLOW_RDMA_TESTS=rdma/test_contract.py,rdma/test_verbs.py::test_x narrows the run in the VM.
+# PEGAFLOW_RDMA_TESTS=rdma/test_contract.py,rdma/test_verbs.py::test_x narrows the run in the VM;
+# PEGAFLOW_RDMA_BENCH=1 adds `pegaflow bench remote` over rdma and loopback (figures under emulation).
 # Builds the project's wheels: needs setuptools and grpcio-tools, which the repo's .venv (make setup) has.
 if [[ -z ${PYTHON:-} ]]; then
   PYTHON=python3
@@ -151,7 +152,7 @@ boot() {
   timeout --foreground "$VM_TIMEOUT" qemu-system-x86_64 -accel tcg -cpu max -m 3072 -smp 2 -nographic -no-reboot \
     -kernel "/boot/$KERNEL" -initrd "/boot/initrd.img-$KVER" \
     -drive "file=$RUN/vm.img,format=raw,if=virtio" \
-    -append "root=/dev/vda rw console=ttyS0 init=/sbin/pegaflow-init panic=-1 edd=off quiet ${PEGAFLOW_RDMA_TESTS:+pegaflow_tests=$PEGAFLOW_RDMA_TESTS}" \
+    -append "root=/dev/vda rw console=ttyS0 init=/sbin/pegaflow-init panic=-1 edd=off quiet ${PEGAFLOW_RDMA_TESTS:+pegaflow_tests=$PEGAFLOW_RDMA_TESTS} ${PEGAFLOW_RDMA_BENCH:+pegaflow_bench=1}" \
     </dev/null | tee "$RUN/serial.log" || rc=$?
   ((rc != 124)) || die "the VM did not power off within ${VM_TIMEOUT}s (PEGAFLOW_RDMA_VM_TIMEOUT); see $RUN/serial.log"
   grep -a '^PEGAFLOW-RDMA' "$RUN/serial.log" | tr -d '\r' > "$RUN/results.txt" || true
