@@ -118,7 +118,7 @@ class Engine:
         # A lane with requests out and no completion for this long is wedged: longer than the NIC's
         # own retries of a lost packet (4.096 us * 2^ack_timeout per try, retry_cnt + 1 tries).
         retries_s = 4.096e-6 * (1 << options.ack_timeout) * (options.retry_cnt + 1)
-        self.stall_s = options.stall_timeout or max(1.0, 2 * retries_s)
+        self.stall_s = options.stall_timeout or max(3.0, 2 * retries_s)
         self._connector = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pegaflow-rdma-connect")
         self._thread = threading.Thread(target=self._run, name="pegaflow-rdma-engine", daemon=True)
         self._thread.start()

@@ -160,7 +160,7 @@ class RdmaOptions:
         default=Duration(0.0),
         metadata={"help": "a queue pair with requests out and no completion for this long is flushed and replaced, "
                           "its requests posted again; 0: twice the NIC's own retry time (ack_timeout, retry_cnt), "
-                          "at least 1s", "check": _check_non_negative},
+                          "at least 3s", "check": _check_non_negative},
     )
     host: str = field(
         default="127.0.0.1",
