@@ -2,10 +2,10 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/gds -e backends/ucx -e conformance -e connectors/vllm -e connectors/sglang
+WORKSPACE := -e . -e backends/dram -e backends/cuda -e backends/redis -e 'backends/ssd[uring]' -e backends/gds -e backends/ucx -e backends/rdma -e conformance -e connectors/vllm -e connectors/sglang
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-rdma setup clean
 
 $(STAMP): pyproject.toml setup.py proto/pegaflow/v1/*.proto pegaflow_core/native/*.c backends/*/pyproject.toml connectors/*/pyproject.toml conformance/pyproject.toml requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test: $(STAMP)
 	$(VLLM_VENV)/bin/python -m pytest bench/engine
 	connectors/sglang/setup-test-env.sh $(SGLANG_VENV)
 	$(SGLANG_VENV)/bin/python -m pytest connectors/sglang
+	$(MAKE) test-rdma
+
+# pegaflow-rdma over real verbs: boots a Debian VM under qemu (software emulation) with soft-RoCE
+# devices and runs the RDMA tests in it (TransportContract, faults, a two-daemon fetch). Needs root;
+# caches the VM's root file system in .cache/rdma-vm/. The last step of `make test`; docs/rdma.md.
+test-rdma: $(STAMP)
+	PYTHON=$(PY) backends/rdma/vm/test-rdma.sh
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) $(SGLANG_VENV) pegaflow_core/_proto pegaflow_core/_native build *.egg-info
