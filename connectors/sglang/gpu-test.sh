@@ -4,8 +4,8 @@
 # Needs a daemon that serves cuda_ipc regions (backends/cuda, installed here when present).
 # SGLang is not installed there: the test drives the connector's own code with torch tensors
 # shaped like SGLang's pools (see connectors/sglang/tests/test_gpu.py for what it covers).
-# Wheels the machine lacks (grpcio-tools and setuptools, for generating pegaflow's gRPC code) are
-# taken from .wheels/ when grpc_tools does not import. Results go to $OUT (junit XML + log).
+# The generated gRPC code travels as pegaflow_core/_proto; without it, grpcio-tools and setuptools
+# are taken from .wheels/ to generate it there. Results go to $OUT (junit XML + log).
 # Environment: OUT (default /tmp/pegaflow-sglang-gpu), PYTHON (default python3),
 #              PEGAFLOW_GPU_DAEMON_CONFIG (daemon YAML; default: one 2 GB DRAM tier).
 set -euo pipefail
@@ -19,7 +19,7 @@ cd "$repo"
 
 [[ -x "$venv/bin/python" ]] || "$python" -m venv --system-site-packages "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps)
-if ! "$venv/bin/python" -c "import grpc_tools, setuptools" 2>/dev/null; then
+if [[ ! -f pegaflow_core/_proto/pegaflow_pb2.py ]] && ! "$venv/bin/python" -c "import grpc_tools, setuptools" 2>/dev/null; then
   "${pip[@]}" --no-index --find-links "$repo/.wheels" grpcio-tools setuptools
 fi
 packages=(-e . -e backends/dram -e connectors/sglang)
