@@ -13,26 +13,25 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${OUT:-/tmp/pegaflow-sglang-gpu}"
 python="${PYTHON:-python3}"
-venv="${TMPDIR:-/tmp}/pegaflow-sglang-gpu-venv"
 mkdir -p "$out"
 cd "$repo"
 
-[[ -x "$venv/bin/python" ]] || "$python" -m venv --system-site-packages "$venv"
-pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q --no-deps)
-if [[ ! -f pegaflow_core/_proto/pegaflow_pb2.py ]] && ! "$venv/bin/python" -c "import grpc_tools, setuptools" 2>/dev/null; then
+# Installed into the machine's own Python (the one with CUDA torch), offline and without deps.
+pip=("$python" -m pip install --disable-pip-version-check -q --no-deps)
+if [[ ! -f pegaflow_core/_proto/pegaflow_pb2.py ]] && ! "$python" -c "import grpc_tools, setuptools" 2>/dev/null; then
   "${pip[@]}" --no-index --find-links "$repo/.wheels" grpcio-tools setuptools
 fi
 packages=(-e . -e backends/dram -e connectors/sglang)
 [[ -d backends/cuda ]] && packages+=(-e backends/cuda)
 "${pip[@]}" --no-build-isolation "${packages[@]}"
 
-"$venv/bin/python" - <<'PY' | tee "$out/environment.txt"
+"$python" - <<'PY' | tee "$out/environment.txt"
 import torch, grpc, google.protobuf
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, device {torch.cuda.get_device_name(0)}")
 print(f"grpcio {grpc.__version__}, protobuf {google.protobuf.__version__}")
 PY
 set +e
-"$venv/bin/python" -m pytest connectors/sglang/tests/test_gpu.py -v -rA -p no:cacheprovider \
+"$python" -m pytest connectors/sglang/tests/test_gpu.py -v -rA -p no:cacheprovider \
   --junitxml="$out/sglang-gpu.xml" 2>&1 | tee "$out/sglang-gpu.log"
 rc=${PIPESTATUS[0]}
 set -e

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
+from .vllm_types import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass

@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from .vllm_types import KVConnectorStats
 
 # Counter names, for docs/vllm.md: what each one counts.
 FIELDS = {

@@ -22,6 +22,28 @@ def test_pegaflow_plugin_load_does_not_import_vllm():
     assert out == ["VllmConnector", "False", "False"]
 
 
+def test_worker_half_runs_without_vllm():
+    """The GPU test machine has no vLLM: the worker half (and its metadata and stats) must import
+    and build its step objects with vLLM hidden, and still be vLLM's subclasses where it exists."""
+    code = ("import sys; sys.modules['vllm'] = None; "
+            "from pegaflow_vllm.worker_side import PegaflowWorker; "
+            "from pegaflow_vllm.metadata import PegaflowMetadata, PegaflowWorkerMeta; "
+            "from pegaflow_vllm.stats import PegaflowStats; "
+            "s = PegaflowStats(); s.count(save_blocks=2); "
+            "m = PegaflowWorkerMeta({'a'}).aggregate(PegaflowWorkerMeta({'b'})); "
+            "print(s.take().to_dict()['save_blocks'], sorted(m.loaded_leases), PegaflowMetadata().loads)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["2", "['a',", "'b']", "[]"]
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+    except ImportError:
+        return
+    from pegaflow_vllm.metadata import PegaflowMetadata
+
+    assert issubclass(PegaflowMetadata, KVConnectorMetadata)
+
+
 def test_backends_lists_the_connector_with_its_availability():
     out = subprocess.run([sys.executable, "-m", "pegaflow_core", "backends", "--json"], capture_output=True, text=True, check=True)
     entry = next(b for b in json.loads(out.stdout)["backends"] if b["role"] == "connector" and b["kind"] == "vllm")
