@@ -16,6 +16,7 @@ The baseline of every ratio is the cold TTFT of phase 2.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 from ..bench import Settings
@@ -38,16 +39,23 @@ def run(settings: Settings) -> dict[str, Any]:
                     tied=bool(settings.tied))
     try:
         say(f"ttft: {shape.name} on {settings.device}, {T}-token prompts, {N} per phase, backend {settings.backend}")
+        started = time.monotonic()
+        progress = lambda what: say(f"  {time.monotonic() - started:6.1f} s  {what}")  # noqa: E731
         for _ in range(2):
             engine.prefill(fresh())  # kernels, allocator
+        progress("warmed up")
         no_cache = [engine.prefill(fresh()) for _ in range(N)]
+        progress(f"no KV backend: {N} prompts")
         with kv_server(settings, dram) as server:
+            progress(f"DRAM daemon serving, pool {dram / 1e9:.1f} GB")
             engine.use_backend(server.backend())
             warm_up = fresh()
             engine.prefill(warm_up), engine.prefill(warm_up)  # the load path once, uncounted
             prompts = [fresh() for _ in range(N)]
             cold = [engine.prefill(p) for p in prompts]
+            progress(f"cold: {N} prompts")
             warm = [engine.prefill(p) for p in prompts]
+            progress(f"warm: {N} prompts")
             base = prompts[0]
             sweep = []
             for fraction in SWEEP:
@@ -55,7 +63,9 @@ def run(settings: Settings) -> dict[str, Any]:
                 result = engine.prefill(base[:shared] + random_prompt(rng, T - shared, shape.vocab))
                 sweep.append({"fraction": fraction, "cached_tokens": result.hit_tokens, "prompt_tokens": T,
                               "ttft_ms": 1e3 * result.ttft_s})
+        progress("sweep")
         ssd = _warm_ssd(settings, engine, fresh, prompt_bytes)
+        progress("warm from SSD")
     finally:
         engine.close()
     plot = write_sweep(sweep, settings.out_dir, f"{shape.name}, {T}-token prompts, {settings.device} ({settings.backend})")
