@@ -274,11 +274,8 @@ class Servicer(pb_grpc.PegaflowServicer):
     def _start_promotion(self, lease: Lease, nbytes: int) -> bool:
         """If some hit blocks are only in lower tiers (SSD), promote them in the background and
         answer "loading", so the engine asks again instead of blocking a step on the disk. The
-        lease keeps them pinned meanwhile; a Load before it finishes promotes synchronously."""
-        missing = self.stack.missing_from_top(lease.keys)
-        if missing:
-            self.executor.submit(self.stack.promote, missing, nbytes)  # the stack promotes each block once
-        return bool(missing)
+        lease keeps them pinned meanwhile; a Load before it finishes waits for that promotion."""
+        return self.stack.start_promotion(lease.keys, nbytes, self.executor.submit)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
         start = time.perf_counter()

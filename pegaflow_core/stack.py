@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InvalidArgument, PegaflowError
 from .index import Index, Lease, Location
@@ -231,11 +232,29 @@ class TierStack:
         present = self.top[1].contains(keys)
         return [k for k, here in zip(keys, present) if not here]
 
-    def promote(self, keys: Sequence[BlockKey], nbytes: int) -> int:
-        """Bring blocks up from lower tiers into the top tier ahead of a load; return how many
-        arrived. Callers hold a lease on ``keys``."""
-        views = self._promote(list(keys), nbytes)
-        return sum(v is not None for v in views)
+    def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any]) -> bool:
+        """Start bringing the blocks of ``keys`` held only in lower tiers up into the top tier on
+        ``submit`` (an executor's submit); return whether any of them is still on its way up.
+
+        Blocks are claimed here, before the work is queued: an engine polls its Query while the
+        answer is "loading", and every poll must not queue another copy of the same promotion
+        (those re-read the blocks from the SSD and hold the executor's threads). Callers hold a
+        lease on ``keys``."""
+        missing = self.missing_from_top(keys)
+        if not missing:
+            return False
+        done = threading.Event()
+        with self._lock:
+            mine = [k for k in missing if k not in self._promoting]
+            for key in mine:
+                self._promoting[key] = done
+        if mine:
+            try:
+                submit(self._promote_and_unclaim, mine, nbytes, done)
+            except BaseException:
+                self._unclaim(mine, done)
+                raise
+        return True
 
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str) -> Lease:
         lease = self.index.acquire(keys, ttl_s, owner)
@@ -281,21 +300,29 @@ class TierStack:
             mine = [k for k in keys if k not in self._promoting]
             for key in mine:
                 self._promoting[key] = done
-        try:
-            if mine:
-                self._promote_claimed(mine, nbytes)
-        finally:
-            with self._lock:
-                for key in mine:
-                    del self._promoting[key]
-            done.set()
+        if mine:
+            self._promote_and_unclaim(mine, nbytes, done)
         for event in waits:
             event.wait(PROMOTION_WAIT_S)
         return self.top[1].view(keys)
 
-    def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
+    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: threading.Event) -> None:
+        try:
+            self._promote_claimed(keys, nbytes)
+        finally:
+            self._unclaim(keys, done)
+
+    def _unclaim(self, keys: list[BlockKey], done: threading.Event) -> None:
+        with self._lock:
+            for key in keys:
+                del self._promoting[key]
+        done.set()
+
+    def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> None:
         name, top = self.top
-        out: list[memoryview | None] = [None] * len(keys)
+        keys = [k for k, here in zip(keys, top.contains(keys)) if not here]  # arrived since they were missed
+        if not keys:
+            return
         slots = top.reserve(keys, nbytes)
         if any(s is None for s in slots):
             self.make_room(0, sum(s is None for s in slots))
@@ -312,12 +339,9 @@ class TierStack:
                 top.commit([keys[i] for i in done])
                 self.index.insert([(keys[i], Location(name, self.node, nbytes)) for i in done])
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
-                for i in done:
-                    out[i] = top.view([keys[i]])[0]
-            pending = [i for i in pending if out[i] is None]
+            pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:
             top.abort([keys[i] for i in pending])
-        return out
 
     def release(self, lease_id: str) -> bool:
         return self.index.release(lease_id)

@@ -8,8 +8,13 @@ import time
 
 from daemon_helpers import SMALL
 from pegaflow_core.client import PegaflowClient
+from pegaflow_core.config import parse_config
+from pegaflow_core.index import Location
+from pegaflow_core.keys import BlockKey
 from pegaflow_core.launcher import DaemonProcess
+from pegaflow_core.metrics import Metrics
 from pegaflow_core.sim_engine import SimulatedEngine, block_hashes
+from pegaflow_core.stack import TierStack
 
 # top: 1 MiB = 64 blocks of 16 KiB; below it a second DRAM tier standing in for a slower one
 TWO_TIERS = """
@@ -54,3 +59,33 @@ def test_a_load_before_promotion_finishes_promotes_synchronously():
             engine.prefill(prompt(seed))
         assert engine.prefill(prompt(0), verify=True).hit_blocks == 30  # query, then load at once
         engine.close()
+
+
+def test_polling_a_loading_query_promotes_each_block_once():
+    """An engine asks again and again while the answer is "loading": only the first answer may
+    queue the promotion. Queued duplicates re-read every block from the lower tier (on an SSD,
+    seconds per 10K-token prompt) and hold the daemon's worker threads."""
+    config = parse_config(TWO_TIERS, "test")
+    tiers = [(c.name, c.build()) for c in config.tiers]
+    metrics = Metrics()
+    stack = TierStack(tiers, config.index.build(), metrics)
+    try:
+        nbytes = 16 << 10
+        keys = [BlockKey("ns", bytes([i]) * 32, 0) for i in range(8)]
+        lower = tiers[1][1]
+        assert all(lower.put(keys, [bytes([i]) * nbytes for i in range(8)]))
+        stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
+        lease = stack.acquire(keys, 30.0, owner="t")
+        queued: list[tuple] = []
+        polls = [stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) for _ in range(5)]
+        assert polls == [True] * 5 and len(queued) == 1  # still loading; one promotion queued
+        fn, *args = queued[0]
+        fn(*args)
+        assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) is False
+        assert len(queued) == 1
+        assert [bytes(v[:1]) for v in stack.read_views(keys, nbytes)] == [bytes([i]) for i in range(8)]
+        promoted = metrics.bytes.labels("lower", "promote")._value.get()
+        assert promoted == 8 * nbytes
+    finally:
+        for _, tier in tiers:
+            tier.close()
