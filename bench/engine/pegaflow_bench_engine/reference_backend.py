@@ -84,16 +84,15 @@ class ReferenceServer:
             env["PYTHONPATH"] = os.environ["PEGAFLOW_LLM_PATH"] + os.pathsep + env.get("PYTHONPATH", "")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        client = ref.EngineRpcClient(self.endpoint)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
                 raise PegaflowError(f"pegaflow-llm server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                ok, _ = client.health()
+            try:  # its client connects when built: PegaFlowError until the server has bound its port
+                ok, _ = ref.EngineRpcClient(self.endpoint).health()
                 if ok:
                     return self
-            except Exception:  # PegaFlowError while it binds its port
+            except Exception:
                 pass
             if time.monotonic() > deadline:
                 raise PegaflowError(f"pegaflow-llm server did not answer within {timeout_s:.0f}s:\n{self.log()}")
