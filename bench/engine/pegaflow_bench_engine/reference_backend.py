@@ -78,7 +78,8 @@ class ReferenceServer:
                 "--pool-size", f"{max(1, self.dram >> 20)}mb", "--devices", str(self.device_index),
                 "--http-addr", f"127.0.0.1:{free_port()}"]
         if self.ssd_dir:
-            args += ["--ssd-cache-path", self.ssd_dir, "--ssd-cache-capacity", f"{max(1, self.ssd_capacity >> 20)}mb"]
+            # its SSD store is one file (a directory panics: "Is a directory")
+            args += ["--ssd-cache-path", os.path.join(self.ssd_dir, "pegaflow-llm.cache"), "--ssd-cache-capacity", f"{max(1, self.ssd_capacity >> 20)}mb"]
         env = binary_env()
         if os.environ.get("PEGAFLOW_LLM_PATH"):
             env["PYTHONPATH"] = os.environ["PEGAFLOW_LLM_PATH"] + os.pathsep + env.get("PYTHONPATH", "")
