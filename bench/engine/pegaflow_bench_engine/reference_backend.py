@@ -223,7 +223,10 @@ class ReferenceBackend:
 
         torch.cuda.current_stream().synchronize()
         saves = [(name, list(block_ids), list(hashes)) for name in self.layer_names]
-        ok, _ = self.client.save(self.instance_id, self.tp_rank, 0, self.device_id, saves)
+        try:
+            ok, _ = self.client.save(self.instance_id, self.tp_rank, 0, self.device_id, saves)
+        except self.ref.PegaflowInternal:  # e.g. "pinned pool exhausted": a refused save, as a dropped one
+            return 0
         return len(block_ids) if ok else 0
 
     def close(self) -> None:
