@@ -107,12 +107,12 @@ class CudaIpcMemory(EngineMemory):
         """Open ``handle`` once per GPU: CUDA refuses to open the same allocation twice in one
         process, and two regions (or two registrations) may name the same one."""
         key = (device.ordinal, handle)
+        device.enter()  # also when found: the caller's driver calls on the pointer need the context
         with self._lock:
             found = self._opened.get(key)
             if found is not None:
                 found[1] += 1
                 return found[0]
-            device.enter()
             cu = driver.cu
             ipc = cu.CUipcMemHandle()
             ipc.reserved = handle

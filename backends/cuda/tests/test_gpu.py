@@ -109,6 +109,25 @@ def test_one_region_per_layer_and_allocations_shared_by_several_regions(client):
     client.register_context(spec)  # opening the same handles again after closing them works
 
 
+def test_an_allocation_registered_again_from_other_threads_of_the_daemon(client):
+    """A second registration of an allocation that is open already takes the shared mapping; the
+    daemon thread serving it must still make the GPU's context current before asking the driver
+    about the pointer (seen as CUDA_ERROR_INVALID_CONTEXT when SGLang's two pools, in one torch
+    allocation, re-registered with a restarted daemon)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = filled(SMALL, 16, seed=8)
+    first = client.register_context(cache.context_spec("shared-0"))
+    specs = [ContextSpec(**{**cache.context_spec(f"shared-{i}").__dict__, "instance_id": f"shared-{i}"}) for i in range(1, 17)]
+    with ThreadPoolExecutor(8) as pool:  # concurrent calls land on several of the daemon's threads
+        handles = list(pool.map(client.register_context, specs))
+    keys = hashes("shared", 2)
+    client.save(handles[-1], [1, 2], keys)
+    hit = client.query(first, keys)
+    client.load(first, hit.lease_id, [10, 11], release_after=True).wait()
+    assert torch.equal(cache.blocks([1, 2]), cache.blocks([10, 11]))
+
+
 def test_pool_not_pinned_still_moves_correct_bytes(tmp_path):
     with DaemonProcess(config(pin="never"), workdir=tmp_path) as d, PegaflowClient(d.endpoint, timeout_s=30) as c:
         cache = filled(SMALL, 32, seed=4)
