@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 
 import pytest
@@ -121,5 +123,90 @@ def test_node_b_fetches_what_node_a_saved_across_the_veth(hosts, tmp_path):
         if node_a is not None:
             node_a.kill()
             node_a.wait()
+        redis.kill()
+        redis.wait()
+
+
+KILL_A = NODE_A.replace('print("SAVED", engine.prefill([rng.randrange(32000) for _ in range(16 * 10)]).saved_blocks, flush=True)',
+                        'print("SAVED", engine.prefill([rng.randrange(32000) for _ in range(16 * 40)]).saved_blocks, '
+                        'daemon.proc.pid, flush=True)')
+
+KILL_B = textwrap.dedent(
+    """
+    import sys, random, time
+    sys.path.insert(0, {tests!r})
+    from daemon_helpers import SMALL
+    from pegaflow_core.client import PegaflowClient
+    from pegaflow_core.launcher import DaemonProcess
+    from pegaflow_core.sim_engine import SimulatedEngine
+    config = '''
+    server: {{listen: '{b}:{port}', node: b}}
+    index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: b, key_prefix: {prefix}}}
+    transport: {{kind: loopback, host: {b}}}
+    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {{kind: remote, timeout: 30s}}]
+    '''
+    with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
+        engine = SimulatedEngine(client, SMALL, model="netns", instance_id="b0")
+        rng = random.Random(7)  # the same prompt node a saved
+        tokens = [rng.randrange(32000) for _ in range(16 * 40)]
+        print("READY", flush=True)
+        sys.stdin.readline()
+        started = time.monotonic()
+        got = engine.prefill(tokens, verify=True)  # raises if any served byte is wrong
+        took = time.monotonic() - started
+        remote = client.stats().counters.get("bytes_total{{direction=promote,tier=remote}}", 0)
+        again = engine.prefill(tokens, verify=True)
+        print("LOADED", got.hit_blocks, got.failed_blocks, int(remote), round(took, 2), again.hit_blocks, flush=True)
+        engine.close()
+    """
+)
+
+
+def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_path):
+    """Kill -9 of the owner while its bytes are on the wire: node a's side of the veth is shaped
+    to 1 Mbit/s, so fetching 40 blocks (640 KiB) takes about 5 s and the kill lands 1 s into it.
+    Node b must serve no byte of a half-arrived block, answer within the fetch's timeout, recompute,
+    and hold the prefix itself afterwards."""
+    ns_a, ns_b = hosts
+    prefix = f"ns{uuid.uuid4().hex[:8]}"
+    tests = os.path.dirname(__file__)
+    redis = subprocess.Popen(
+        ["ip", "netns", "exec", ns_a, "redis-server", "--port", "6391", "--bind", A_IP, "--save", "",
+         "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+    )
+    node_a = node_b = None
+    try:
+        node_a = subprocess.Popen(
+            ["ip", "netns", "exec", ns_a, sys.executable, "-c",
+             KILL_A.format(tests=tests, a=A_IP, port=50073, redis_port=6391, prefix=prefix)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        kind, saved, daemon_pid = node_a.stdout.readline().split()
+        assert (kind, saved) == ("SAVED", "40")
+        sh("ip", "netns", "exec", ns_a, "tc", "qdisc", "add", "dev", ns_a, "root", "tbf", "rate", "1mbit",
+           "burst", "16kb", "latency", "10s")
+        node_b = subprocess.Popen(
+            ["ip", "netns", "exec", ns_b, sys.executable, "-c",
+             KILL_B.format(tests=tests, a=A_IP, b=B_IP, port=50074, redis_port=6391, prefix=prefix)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        assert node_b.stdout.readline().strip() == "READY"
+        node_b.stdin.write("go\n")
+        node_b.stdin.flush()
+        time.sleep(1.0)
+        os.kill(int(daemon_pid), signal.SIGKILL)
+        out, err = node_b.communicate(timeout=120)
+        assert node_b.returncode == 0, err[-3000:]
+        kind, hits, failed, remote_bytes, took, again = out.split()
+        assert kind == "LOADED"
+        assert int(remote_bytes) < 40 * 16384  # the fetch did not complete...
+        assert int(hits) < 40 and (int(failed) > 0 or int(hits) == 0)  # ...and what did not arrive is a miss
+        assert float(took) < 30  # within the remote tier's timeout, not a hang
+        assert int(again) == 40  # recomputed and saved on b: served locally from now on
+    finally:
+        for proc in (node_b, node_a):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         redis.kill()
         redis.wait()
