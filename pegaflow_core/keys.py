@@ -46,7 +46,8 @@ class BlockKey(_BlockKeyFields):
         if not hashes:
             return []
         # Validate and build with C-level iteration only: this runs for every Query and Save.
-        if set(map(type, hashes)) != {bytes} or min(map(len, hashes)) == 0 or max(map(len, hashes)) > MAX_HASH_BYTES:
+        lengths = set(map(len, hashes)) if set(map(type, hashes)) == {bytes} else {0}
+        if min(lengths) == 0 or max(lengths) > MAX_HASH_BYTES:
             for i, block_hash in enumerate(hashes):
                 _check_hash(block_hash, f"block_hashes[{i}]")
         return list(map(tuple.__new__, repeat(cls), zip(repeat(namespace), hashes, repeat(shard))))
@@ -90,7 +91,8 @@ def check_keys(keys: Sequence[BlockKey], what: str = "keys") -> list[BlockKey]:
     if isinstance(keys, (str, bytes)) or not isinstance(keys, Sequence):
         raise InvalidArgument(f"{what}: expected a sequence of BlockKey, got {type(keys).__name__}")
     out = list(keys)
-    for i, key in enumerate(out):
-        if not isinstance(key, BlockKey):
-            raise InvalidArgument(f"{what}[{i}]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
+    if set(map(type, out)) - {BlockKey}:  # one C-level pass; the loop only to name the culprit
+        for i, key in enumerate(out):
+            if not isinstance(key, BlockKey):
+                raise InvalidArgument(f"{what}[{i}]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
     return out

