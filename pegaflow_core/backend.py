@@ -8,6 +8,10 @@ at module import time.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -24,6 +28,43 @@ class Availability:
 
     ok: bool
     detail: str = ""
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """Leading numeric release parts of a version string: "0.34.0rc1" -> (0, 34, 0),
+    "0.6.0+cu130" -> (0, 6, 0)."""
+    parts = []
+    for piece in version.split("+")[0].split("."):
+        match = re.match(r"\d+", piece)
+        if match is None:
+            break
+        parts.append(int(match.group()))
+        if match.group() != piece:
+            break
+    return tuple(parts)
+
+
+def package_availability(dist: str, low: tuple[int, ...], high: tuple[int, ...], modules: Sequence[str]) -> Availability:
+    """A connector's check of the engine it plugs into: distribution ``dist`` installed, its
+    release in ``[low, high)`` (compared on as many parts as ``low`` has), and ``modules``
+    importable. Import errors are reported, never raised: a broken engine install must show up
+    in ``pegaflow backends``, not crash the listing."""
+    def dotted(v: tuple[int, ...]) -> str:
+        return ".".join(map(str, v))
+
+    supported = f">={dotted(low)},<{dotted(high)}"
+    try:
+        version = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return Availability(False, f"{dist} is not installed (pip install '{dist}{supported}')")
+    if not low <= release_tuple(version)[: len(low)] < high:
+        return Availability(False, f"{dist} {version} is outside the supported range {supported}")
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except Exception as exc:
+        return Availability(False, f"{dist} {version} does not import: {type(exc).__name__}: {exc}")
+    return Availability(True, f"{dist} {version}")
 
 
 class Backend:

@@ -16,7 +16,8 @@ pytest.importorskip("pegaflow_sglang", reason="pegaflow-sglang is not installed 
 
 from pegaflow_sglang.naming import PageFormat, Placement, page_hash, valid_prefix  # noqa: E402
 from pegaflow_sglang.options import SglangOptions  # noqa: E402
-from pegaflow_sglang.plugin import SglangConnector, _release  # noqa: E402
+from pegaflow_sglang.plugin import SglangConnector  # noqa: E402
+from pegaflow_core.backend import release_tuple  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "sglang.md"
 
@@ -38,9 +39,9 @@ def test_backends_lists_the_connector_with_its_availability():
 
 
 def test_version_range():
-    assert _release("0.5.23") == (0, 5, 23) and _release("0.6.0rc1+cu130") == (0, 6, 0)
+    assert release_tuple("0.5.23") == (0, 5, 23) and release_tuple("0.6.0rc1+cu130") == (0, 6, 0)
     low, high = (0, 5, 23), (0, 6)
-    assert low <= _release("0.5.24") < high and not _release("0.5.9") >= low
+    assert low <= release_tuple("0.5.24") < high and not release_tuple("0.5.9") >= low
 
 
 def test_options():

@@ -12,7 +12,8 @@ import pytest
 pytest.importorskip("pegaflow_vllm", reason="pegaflow-vllm is not installed in this environment")
 
 from pegaflow_vllm.options import ConnectorOptions  # noqa: E402
-from pegaflow_vllm.plugin import VllmConnector, _version_tuple  # noqa: E402
+from pegaflow_vllm.plugin import VllmConnector  # noqa: E402
+from pegaflow_core.backend import release_tuple  # noqa: E402
 
 
 def test_pegaflow_plugin_load_does_not_import_vllm():
@@ -53,8 +54,8 @@ def test_backends_lists_the_connector_with_its_availability():
 
 
 def test_version_range():
-    assert _version_tuple("0.33.0") == (0, 33, 0) and _version_tuple("0.32.1+cpu") == (0, 32, 1)
-    assert _version_tuple("0.34.0rc1") == (0, 34, 0)
+    assert release_tuple("0.33.0") == (0, 33, 0) and release_tuple("0.32.1+cpu") == (0, 32, 1)
+    assert release_tuple("0.34.0rc1") == (0, 34, 0)
 
 
 def test_vllm_general_plugin_registers_the_connector_by_name():
