@@ -3,6 +3,8 @@ for it. Mapping happens once, at registration; every later Save/Load only names 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import itertools
 import secrets
 import threading
@@ -14,6 +16,9 @@ from .keys import BlockKey
 from .layout import KVLayout
 from .shm import SharedRegion
 
+
+if TYPE_CHECKING:
+    from .memory import EngineMemory
 
 @dataclass
 class EngineRegion:
@@ -52,6 +57,7 @@ class EngineContext:
     tp_rank: int = 0
     tp_size: int = 1
     query_block_bytes: int = 0
+    memory: EngineMemory | None = None  # the memory kind that opened ``regions`` and copies for them
 
     @property
     def block_bytes(self) -> int:

@@ -61,17 +61,30 @@ def block_segments(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``[blocks, planes]`` arrays: engine address, stored-block address, length. Every memory
     kind copies these segments; only how it copies them differs."""
+    engine, size = _engine_addresses(layout, regions, block_ids)
+    offset = np.array(layout.plane_offsets(), dtype=np.uint64)
+    starts = np.fromiter((buffer_address(b) for b in blocks), dtype=np.uint64, count=len(blocks))
+    stored = starts[:, None] + offset[None, :]
+    length = np.broadcast_to(size, engine.shape)
+    return engine, stored, length
+
+
+def engine_segments(layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Per engine block, its ``(address, nbytes)`` pieces in stored-block byte order (planes are
+    stored one after another): what a tier with device I/O reads a block into
+    (``Tier.read_into_device``)."""
+    engine, size = _engine_addresses(layout, regions, block_ids)
+    sizes = [int(n) for n in size]
+    return [list(zip(map(int, row), sizes)) for row in engine]
+
+
+def _engine_addresses(layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     planes = layout.planes
     base = np.array([regions[p.region].base + p.offset for p in planes], dtype=np.uint64)
     stride = np.array([p.block_stride for p in planes], dtype=np.uint64)
     size = np.array([p.block_bytes for p in planes], dtype=np.uint64)
-    offset = np.array(layout.plane_offsets(), dtype=np.uint64)
     ids = np.asarray(block_ids, dtype=np.uint64)
-    starts = np.fromiter((buffer_address(b) for b in blocks), dtype=np.uint64, count=len(blocks))
-    engine = base[None, :] + ids[:, None] * stride[None, :]
-    stored = starts[:, None] + offset[None, :]
-    length = np.broadcast_to(size, engine.shape)
-    return engine, stored, length
+    return base[None, :] + ids[:, None] * stride[None, :], size
 
 
 class HostCopier:

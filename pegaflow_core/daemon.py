@@ -27,6 +27,7 @@ from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .checksum import checksum
 from .config import DaemonConfig
 from .contexts import ContextTable, EngineContext, EngineRegion
+from .copier import engine_segments
 from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, PegaflowError, PluginError
 from .index import Lease
 from .keys import BlockKey
@@ -152,6 +153,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         )
         layout.validate([r.nbytes for r in request.regions])
         regions = await self._offload(self._map_regions, list(request.regions))
+        memory = self.memory(request.regions[0].kind)  # built by _map_regions already
         try:
             self.stack.claim_block_size(request.namespace, layout.block_bytes)
         except PegaflowError:
@@ -161,7 +163,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         ctx = EngineContext(
             context_id=self.contexts.new_id(), session_id=request.session_id, instance_id=request.instance_id,
             namespace=request.namespace, shard=request.shard, layout=layout, regions=regions,
-            device=request.device, tp_rank=request.tp_rank, tp_size=request.tp_size or 1,
+            device=request.device, tp_rank=request.tp_rank, tp_size=request.tp_size or 1, memory=memory,
         )
         try:
             self.contexts.add(ctx)
@@ -246,7 +248,7 @@ class Servicer(pb_grpc.PegaflowServicer):
             self.metrics.deduplicated.inc(len(keys))
             return pb.SaveResponse(already_present=len(keys))
 
-        memory = self.memory(ctx.regions[0].kind)
+        memory = ctx.memory
 
         def fill(positions: list[int], views: list[memoryview]) -> None:
             memory.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
@@ -268,14 +270,16 @@ class Servicer(pb_grpc.PegaflowServicer):
             self.stack.release(lease.lease_id)
             return pb.QueryResponse(hit_blocks=0)
         self.leases[lease.lease_id] = lease
-        loading = self._start_promotion(lease, ctx.block_bytes) if len(self.stack.tiers) > 1 else False
+        loading = self._start_promotion(lease, ctx) if len(self.stack.tiers) > 1 else False
         return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading)
 
-    def _start_promotion(self, lease: Lease, nbytes: int) -> bool:
+    def _start_promotion(self, lease: Lease, ctx: EngineContext) -> bool:
         """If some hit blocks are only in lower tiers (SSD), promote them in the background and
         answer "loading", so the engine asks again instead of blocking a step on the disk. The
-        lease keeps them pinned meanwhile; a Load before it finishes waits for that promotion."""
-        return self.stack.start_promotion(lease.keys, nbytes, self.executor.submit)
+        lease keeps them pinned meanwhile; a Load before it finishes waits for that promotion.
+        Hits a device-I/O tier reads straight into this engine's GPU memory stay where they are."""
+        device_memory = ctx.memory is not None and ctx.memory.device_memory
+        return self.stack.start_promotion(lease.keys, ctx.block_bytes, self.executor.submit, device_memory)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
         start = time.perf_counter()
@@ -288,16 +292,22 @@ class Servicer(pb_grpc.PegaflowServicer):
         num_layers = len(ctx.kv_layout().layer_groups())
         keys = list(lease.keys[: len(block_ids)])
 
-        memory = self.memory(ctx.regions[0].kind)
+        memory = ctx.memory
 
         def run() -> list[int]:
-            views = self.stack.read_views(keys, ctx.block_bytes)
-            failed = [b for b, v in zip(block_ids, views) if v is None]
-            memory.scatter(ctx.layout, ctx.regions, block_ids, views,
-                                on_layer=lambda done: loop.call_soon_threadsafe(progress.put_nowait, done))
-            loaded = len(block_ids) - len(failed)
+            # Route per hit (device_io.py): straight from a device-I/O tier into GPU memory, else
+            # through the top tier (promoting what is only lower down) and the memory kind's copy.
+            direct = self.stack.load_direct(
+                keys, ctx.block_bytes, memory.device_memory,
+                lambda positions: engine_segments(ctx.layout, ctx.regions, [block_ids[i] for i in positions]))
+            staged = [i for i in range(len(keys)) if i not in direct]
+            views = self.stack.read_views([keys[i] for i in staged], ctx.block_bytes) if staged else []
+            failed = [block_ids[i] for i, v in zip(staged, views) if v is None]
+            memory.scatter(ctx.layout, ctx.regions, [block_ids[i] for i in staged], views,
+                           on_layer=lambda done: loop.call_soon_threadsafe(progress.put_nowait, done))
+            loaded = len(staged) - len(failed)
             self.metrics.bytes.labels(self.stack.top[0], "load").inc(loaded * ctx.block_bytes)
-            self.metrics.blocks.labels(self.stack.top[0], "load").inc(loaded)
+            self.metrics.blocks.labels(self.stack.top[0], "load").inc(loaded + len(direct))
             return failed
 
         job = loop.run_in_executor(self.executor, run)

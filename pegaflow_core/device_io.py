@@ -11,7 +11,8 @@ The daemon decides per request, per hit, with :func:`load_route`:
 * the block sits in a host-memory tier (the DRAM pool)  -> ``POOL``: pool -> GPU copy kernel;
 * the block sits in a device-I/O tier that says direct loads pay off here (``Tier.direct_loads``,
   set from its ``direct: auto|always|never`` option) and the engine memory is GPU memory
-  -> ``DIRECT``: ``holder.read_into_device`` straight into the engine's blocks;
+  (``EngineMemory.device_memory``) -> ``DIRECT``: ``holder.read_into_device`` straight into the
+  engine's blocks; a Query does not promote such a hit, and the Load reads it directly;
 * anything else -> ``STAGED``: ``holder.get_into`` a pool block (the usual promotion), then
   pool -> GPU.
 """
@@ -31,10 +32,6 @@ if TYPE_CHECKING:
 #: One block's GPU memory: ``(device address, nbytes)`` pieces in the block's byte order.
 DeviceSegments = Sequence[tuple[int, int]]
 
-#: Engine memory kinds whose addresses are GPU addresses (the daemon maps them with CUDA IPC).
-GPU_MEMORY_KINDS = frozenset({"cuda_ipc"})
-
-
 class LoadRoute(enum.Enum):
     """How one hit reaches an engine's memory (see the module docstring)."""
 
@@ -43,13 +40,13 @@ class LoadRoute(enum.Enum):
     STAGED = "staged"
 
 
-def load_route(holder: Tier, engine_memory: str) -> LoadRoute:
-    """The path for a hit held by ``holder`` into engine memory of kind ``engine_memory``
-    (``cuda_ipc``, ``shm``, ``cma``). Cheap (attribute reads): call it per request."""
+def load_route(holder: Tier, device_memory: bool) -> LoadRoute:
+    """The path for a hit held by ``holder`` into engine memory that is GPU memory or not (the
+    memory kind's ``EngineMemory.device_memory``). Cheap (attribute reads): call it per request."""
     caps = holder.capabilities
     if caps.host_views:
         return LoadRoute.POOL
-    if caps.device_io and engine_memory in GPU_MEMORY_KINDS and bool(getattr(holder, "direct_loads", False)):
+    if caps.device_io and device_memory and bool(getattr(holder, "direct_loads", False)):
         return LoadRoute.DIRECT
     return LoadRoute.STAGED
 

@@ -47,6 +47,9 @@ class EngineMemory(Backend):
     """Base class of memory kinds. Instances are built with ``cls()`` by the daemon."""
 
     kind: ClassVar[str]
+    #: Regions of this kind are GPU memory: their addresses are device addresses, so a tier with
+    #: device I/O (pegaflow-gds) may read hits straight into them (``device_io.load_route``).
+    device_memory: ClassVar[bool] = False
 
     def open(self, region: RegionRequest) -> EngineRegion:
         """Map or attach ``region`` once, at registration; raise InvalidArgument naming

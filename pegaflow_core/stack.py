@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .device_io import DeviceSegments, LoadRoute, load_route
 from .errors import InvalidArgument, PegaflowError
 from .index import Index, Lease, Location
 from .keys import BlockKey
@@ -240,15 +241,20 @@ class TierStack:
         present = self.top[1].contains(keys)
         return [k for k, here in zip(keys, present) if not here]
 
-    def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any]) -> bool:
+    def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any],
+                        device_memory: bool = False) -> bool:
         """Start bringing the blocks of ``keys`` held only in lower tiers up into the top tier on
         ``submit`` (an executor's submit); return whether any of them is still on its way up.
+        Blocks a direct-route tier will read straight into the engine's GPU memory at Load
+        (``device_memory``: the engine's memory kind is GPU memory) are left where they are.
 
         Blocks are claimed here, before the work is queued: an engine polls its Query while the
         answer is "loading", and every poll must not queue another copy of the same promotion
         (those re-read the blocks from the SSD and hold the executor's threads). Callers hold a
         lease on ``keys``."""
-        missing = self.missing_from_top(keys)
+        direct = {i for positions in self.direct_holders(keys, device_memory).values() for i in positions}
+        present = self.top[1].contains(keys)
+        missing = [k for i, (k, here) in enumerate(zip(keys, present)) if not here and i not in direct]
         if not missing:
             return False
         done = threading.Event()
@@ -263,6 +269,44 @@ class TierStack:
                 self._unclaim(mine, done)
                 raise
         return True
+
+    def direct_holders(self, keys: Sequence[BlockKey], device_memory: bool) -> dict[int, list[int]]:
+        """Positions of ``keys`` missing from the top tier that a lower tier will load straight into
+        GPU memory (route DIRECT, see device_io.py), by that tier's level; the first such tier
+        holding a block serves it. Empty unless the engine's memory is GPU memory."""
+        levels = [i for i, (_, tier) in enumerate(self.tiers)
+                  if i and device_memory and load_route(tier, True) is LoadRoute.DIRECT]
+        if not levels:
+            return {}
+        pending = [i for i, here in enumerate(self.top[1].contains(keys)) if not here]
+        out: dict[int, list[int]] = {}
+        for level in levels:
+            if not pending:
+                break
+            held = self.tiers[level][1].contains([keys[i] for i in pending])
+            if any(held):
+                out[level] = [i for i, h in zip(pending, held) if h]
+            pending = [i for i, h in zip(pending, held) if not h]
+        return out
+
+    def load_direct(self, keys: Sequence[BlockKey], nbytes: int, device_memory: bool,
+                    segments_of: Callable[[list[int]], Sequence[DeviceSegments]]) -> set[int]:
+        """Read the blocks of ``keys`` that direct-route tiers hold straight into the engine's GPU
+        memory (``segments_of(positions)``: each block's device segments); return the positions
+        loaded. A block that fails here (a miss, a checksum, the tier's error) is left to the
+        staged path, which promotes it or reports it failed. Callers hold a lease on ``keys``."""
+        done: set[int] = set()
+        for level, positions in self.direct_holders(keys, device_memory).items():
+            name, tier = self.tiers[level]
+            try:
+                ok = tier.read_into_device([keys[i] for i in positions], segments_of(positions))
+            except PegaflowError as exc:
+                log.warning("direct load of %d blocks from %s failed (%s); staging them instead", len(positions), name, exc)
+                continue
+            loaded = [i for i, good in zip(positions, ok) if good]
+            done.update(loaded)
+            self.metrics.bytes.labels(name, "load_direct").inc(nbytes * len(loaded))
+        return done
 
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str) -> Lease:
         lease = self.index.acquire(keys, ttl_s, owner)

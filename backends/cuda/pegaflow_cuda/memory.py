@@ -47,6 +47,7 @@ class CudaIpcMemory(EngineMemory):
     """GPU KV memory reached over CUDA IPC; copies by the segment kernel (see kernels.py)."""
 
     kind = "cuda_ipc"
+    device_memory = True
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

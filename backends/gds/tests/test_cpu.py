@@ -105,7 +105,7 @@ def test_without_a_gpu_the_tier_serves_host_io_and_says_why_device_io_cannot_run
     with pytest.raises(GdsUnavailable):
         tier.write_from_device(keys[:1], [[(1 << 40, 8 * KIB)]])
     assert tier.direct_loads is False  # even with direct: always, loads go through DRAM
-    assert load_route(tier, "cuda_ipc") is LoadRoute.STAGED
+    assert load_route(tier, True) is LoadRoute.STAGED
 
 
 @no_device
@@ -131,10 +131,10 @@ def test_load_route_per_hit() -> None:
     class Pool(_FakeDirect):
         capabilities = TierCapabilities(host_views=True)
 
-    assert load_route(Pool(False), "cuda_ipc") is LoadRoute.POOL
-    assert load_route(_FakeDirect(True), "cuda_ipc") is LoadRoute.DIRECT
-    assert load_route(_FakeDirect(True), "shm") is LoadRoute.STAGED  # host engine memory: no GPU address
-    assert load_route(_FakeDirect(False), "cuda_ipc") is LoadRoute.STAGED
+    assert load_route(Pool(False), True) is LoadRoute.POOL
+    assert load_route(_FakeDirect(True), True) is LoadRoute.DIRECT
+    assert load_route(_FakeDirect(True), False) is LoadRoute.STAGED  # host engine memory: no GPU address
+    assert load_route(_FakeDirect(False), True) is LoadRoute.STAGED
 
 
 def test_tiers_without_device_io_say_so(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_tiers_without_device_io_say_so(tmp_path: Path) -> None:
     try:
         with pytest.raises(PluginError, match=r"tier 'ssd' does not offer device I/O"):
             ssd.read_into_device(keys_of(1), [[(1 << 40, 4096)]])
-        assert load_route(ssd, "cuda_ipc") is LoadRoute.STAGED
+        assert load_route(ssd, True) is LoadRoute.STAGED
     finally:
         ssd.close()
 

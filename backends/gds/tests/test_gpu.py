@@ -198,10 +198,10 @@ def test_bad_gpu_addresses_and_sizes_are_refused_before_any_io(make_tier) -> Non
 
 def test_direct_option_and_route(make_tier) -> None:
     always = make_tier(direct="always")
-    assert always.direct_loads is True and load_route(always, "cuda_ipc") is LoadRoute.DIRECT
+    assert always.direct_loads is True and load_route(always, True) is LoadRoute.DIRECT
     always.close()
     never = make_tier(direct="never")
-    assert never.direct_loads is False and load_route(never, "cuda_ipc") is LoadRoute.STAGED
+    assert never.direct_loads is False and load_route(never, True) is LoadRoute.STAGED
     never.close()
     auto = make_tier(direct="auto")
     assert auto.direct_loads is auto.device_mode().gds
