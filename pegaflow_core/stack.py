@@ -27,6 +27,7 @@ from .tier import Tier
 log = logging.getLogger("pegaflow.stack")
 
 Fill = Callable[[list[int], list[memoryview]], None]
+CLEAN_WINDOW = 2  # make_room looks this many times further down the LRU order for blocks it can drop without a write
 PROMOTION_WAIT_S = 30.0  # a load waiting on another thread's promotion of the same block
 
 
@@ -174,15 +175,30 @@ class TierStack:
         """Evict up to ``count`` LRU unpinned blocks from tier ``level``, spilling them to the
         tier below when there is one. Return how many were evicted."""
         name, tier = self.tiers[level]
-        victims = self.index.victims(name, count, self.node)
+        spills = level + 1 < len(self.tiers)
+        victims = self.index.victims(name, CLEAN_WINDOW * count if spills else count, self.node)
+        if spills:
+            victims = self._clean_first(level, victims, count)
         if not victims:
             return 0
-        if level + 1 < len(self.tiers):
+        if spills:
             self._spill(level, victims)
         tier.evict(victims)
         self.index.remove(victims, tier=name, node=self.node)
         self.metrics.evictions.labels(name).inc(len(victims))
         return len(victims)
+
+    def _clean_first(self, level: int, window: list[BlockKey], count: int) -> list[BlockKey]:
+        """``count`` victims out of the LRU ``window``, those the tier below holds already first:
+        evicting them costs no write (a block promoted from the SSD keeps its SSD copy), while a
+        block only in this tier must be written down first. Within the window LRU order is kept."""
+        if len(window) <= count:
+            return window
+        lower = self.tiers[level + 1][0]
+        held = [any(loc.tier == lower for loc in locs) for locs in self.index.lookup(window)]
+        clean = [k for k, h in zip(window, held) if h]
+        dirty = [k for k, h in zip(window, held) if not h]
+        return clean[:count] + dirty[: max(0, count - len(clean))]
 
     def _spill(self, level: int, keys: list[BlockKey]) -> None:
         name, tier = self.tiers[level]

@@ -4,6 +4,7 @@ exact, and a bit flipped on the disk is detected and recomputed, never served.""
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
@@ -52,6 +53,7 @@ def test_spilled_blocks_survive_a_daemon_crash_on_ssd(tmp_path):
             if not stats.daemon_down:
                 deadline_hits = stats.hit_blocks
                 break
+            time.sleep(0.1)  # gRPC's reconnect backoff: give the channel time to see the new daemon
         assert deadline_hits == 30
         assert client.query(engine.handle, hashes).hit_blocks == 30
     finally:

@@ -89,3 +89,36 @@ def test_polling_a_loading_query_promotes_each_block_once():
     finally:
         for _, tier in tiers:
             tier.close()
+
+
+def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down():
+    """Clean first: within a window of the LRU order, blocks with a copy in the tier below (e.g.
+    promoted back from the SSD) are evicted without a write before blocks that would have to be
+    spilled; each promotion from an SSD then costs one read instead of a write and a read."""
+    config = parse_config(TWO_TIERS, "test")
+    tiers = [(c.name, c.build()) for c in config.tiers]
+    metrics = Metrics()
+    stack = TierStack(tiers, config.index.build(), metrics)
+    try:
+        nbytes = 16 << 10
+
+        def fill(positions, views):
+            for p, view in zip(positions, views):
+                view[:] = bytes([p]) * nbytes
+
+        dirty = [BlockKey("ns", b"d" * 31 + bytes([i]), 0) for i in range(2)]
+        clean = [BlockKey("ns", b"c" * 31 + bytes([i]), 0) for i in range(2)]
+        stack.save(dirty, nbytes, fill)  # older: only in the top tier
+        stack.save(clean, nbytes, fill)  # newer, and also held below
+        lower = tiers[1][1]
+        assert all(lower.put(clean, [bytes(nbytes)] * 2))
+        stack.index.insert([(k, Location("lower", "", nbytes)) for k in clean])
+        assert stack.make_room(0, 2) == 2
+        assert tiers[0][1].contains(dirty + clean) == [True, True, False, False]
+        assert lower.contains(dirty) == [False, False]  # nothing was written down
+        assert metrics.bytes.labels("lower", "spill")._value.get() == 0
+        assert stack.make_room(0, 2) == 2  # no clean block left in the window: the LRU ones spill
+        assert lower.contains(dirty) == [True, True]
+    finally:
+        for _, tier in tiers:
+            tier.close()
