@@ -183,6 +183,7 @@ class PegaflowClient:
         self._channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.PegaflowStub(self._channel)
         self._lock = threading.Lock()
+        self._register_lock = threading.Lock()  # one registration at a time: see _register_again
         self._contexts: list[ContextHandle] = []
         self._closed = threading.Event()
         self.daemon_id = ""
@@ -213,11 +214,12 @@ class PegaflowClient:
         if restarted:
             log.warning("pegaflow daemon at %s restarted; registering %d contexts again", self.endpoint, len(self._contexts))
         for handle in list(self._contexts):
-            if handle.daemon_id != daemon_id:
-                try:
-                    self._register(handle)
-                except PegaflowError as exc:
-                    log.warning("re-registering %s failed: %s", handle.spec.instance_id, exc)
+            try:
+                with self._register_lock:
+                    if handle.daemon_id != daemon_id:  # an engine thread may have done it already
+                        self._register(handle)
+            except PegaflowError as exc:
+                log.warning("re-registering %s failed: %s", handle.spec.instance_id, exc)
 
     def _call(self, method: str, request: object, what: str, timeout: float | None = None) -> object:
         try:
@@ -228,15 +230,24 @@ class PegaflowClient:
     def _with_context(self, handle: ContextHandle, method: str, make: object, what: str) -> object:
         """Call with the handle's current id; on 'unknown context' (daemon restarted) register
         again and retry once."""
-        if not handle.context_id:
-            self._register(handle)
+        seen = handle.context_id
+        if not seen:
+            self._register_again(handle, seen)
         try:
             return self._call(method, make(handle.context_id), what)
         except NotFound as exc:
             if "unknown context" not in str(exc):
                 raise
-            self._register(handle)
+            self._register_again(handle, seen)
             return self._call(method, make(handle.context_id), what)
+
+    def _register_again(self, handle: ContextHandle, seen: str) -> None:
+        """Register ``handle`` unless another thread did since its id was ``seen``: after a daemon
+        restart the session thread and an engine thread whose call failed both try, and a second
+        registration of one instance and rank in a session is refused by the daemon."""
+        with self._register_lock:
+            if handle.context_id == seen:
+                self._register(handle)
 
     # -- API ----------------------------------------------------------------------------------
     def health(self, timeout_s: float | None = None) -> pb.HealthResponse:
@@ -269,7 +280,8 @@ class PegaflowClient:
 
             allow_daemon_access()
         handle = ContextHandle(spec)
-        self._register(handle)
+        with self._register_lock:
+            self._register(handle)
         with self._lock:
             self._contexts.append(handle)
         return handle
@@ -300,7 +312,7 @@ class PegaflowClient:
 
     def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:
         if not handle.context_id:
-            self._register(handle)
+            self._register_again(handle, "")
         request = pb.LoadRequest(context_id=handle.context_id, lease_id=lease_id, block_ids=list(block_ids), release_after=release_after)
         stream = self._stub.Load(request, timeout=max(self.timeout_s, 60.0))
         return LoadHandle(stream, handle.spec.num_layers)
