@@ -252,11 +252,6 @@ class TierStack:
                     self.index.release(lease.lease_id)
 
     # -- load ---------------------------------------------------------------------------------
-    def missing_from_top(self, keys: Sequence[BlockKey]) -> list[BlockKey]:
-        """Leased keys whose bytes are only in lower tiers (a load would promote them first)."""
-        present = self.top[1].contains(keys)
-        return [k for k, here in zip(keys, present) if not here]
-
     def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any],
                         device_memory: bool = False) -> bool:
         """Start bringing the blocks of ``keys`` held only in lower tiers up into the top tier on
@@ -268,16 +263,12 @@ class TierStack:
         answer is "loading", and every poll must not queue another copy of the same promotion
         (those re-read the blocks from the SSD and hold the executor's threads). Callers hold a
         lease on ``keys``."""
-        direct = {i for positions in self.direct_holders(keys, device_memory).values() for i in positions}
-        present = self.top[1].contains(keys)
-        missing = [k for i, (k, here) in enumerate(zip(keys, present)) if not here and i not in direct]
+        absent = self._absent_from_top(keys)
+        direct = {i for positions in self._direct_holders(keys, device_memory, absent).values() for i in positions}
+        missing = [keys[i] for i in absent if i not in direct]
         if not missing:
             return False
-        done = threading.Event()
-        with self._lock:
-            mine = [k for k in missing if k not in self._promoting]
-            for key in mine:
-                self._promoting[key] = done
+        mine, _, done = self._claim(missing)
         if mine:
             try:
                 submit(self._promote_and_unclaim, mine, nbytes, done)
@@ -286,16 +277,22 @@ class TierStack:
                 raise
         return True
 
-    def direct_holders(self, keys: Sequence[BlockKey], device_memory: bool) -> dict[int, list[int]]:
-        """Positions of ``keys`` missing from the top tier that a lower tier will load straight into
-        GPU memory (route DIRECT, see device_io.py), by that tier's level; the first such tier
-        holding a block serves it. Empty unless the engine's memory is GPU memory."""
+    def _absent_from_top(self, keys: Sequence[BlockKey]) -> list[int]:
+        """Positions of ``keys`` whose bytes are not in the top tier."""
+        return [i for i, here in enumerate(self.top[1].contains(keys)) if not here]
+
+    def _direct_holders(self, keys: Sequence[BlockKey], device_memory: bool,
+                        absent: list[int] | None = None) -> dict[int, list[int]]:
+        """Positions of ``keys`` absent from the top tier (``absent``, when the caller has them)
+        that a lower tier will load straight into GPU memory (route DIRECT, see device_io.py), by
+        that tier's level; the first such tier holding a block serves it. Empty unless the
+        engine's memory is GPU memory and some tier takes the direct route."""
         levels = [i for i, (_, tier) in enumerate(self.tiers)
                   if i and device_memory and load_route(tier, True) is LoadRoute.DIRECT]
         if not levels:
             return {}
-        pending = [i for i, here in enumerate(self.top[1].contains(keys)) if not here]
         out: dict[int, list[int]] = {}
+        pending = self._absent_from_top(keys) if absent is None else absent
         for level in levels:
             if not pending:
                 break
@@ -312,7 +309,7 @@ class TierStack:
         loaded. A block that fails here (a miss, a checksum, the tier's error) is left to the
         staged path, which promotes it or reports it failed. Callers hold a lease on ``keys``."""
         done: set[int] = set()
-        for level, positions in self.direct_holders(keys, device_memory).items():
+        for level, positions in self._direct_holders(keys, device_memory).items():
             name, tier = self.tiers[level]
             try:
                 ok = tier.read_into_device([keys[i] for i in positions], segments_of(positions))
@@ -362,17 +359,23 @@ class TierStack:
         """Copy blocks held only in lower tiers into the top tier and return their views. A block
         another thread is promoting already (a Query that answered "loading") is waited for, not
         copied twice; ``None`` marks a block no tier could deliver."""
+        mine, waits, done = self._claim(keys)
+        if mine:
+            self._promote_and_unclaim(mine, nbytes, done)
+        for event in waits:
+            event.wait(PROMOTION_WAIT_S)
+        return self.top[1].view(keys)
+
+    def _claim(self, keys: Sequence[BlockKey]) -> tuple[list[BlockKey], set[threading.Event], threading.Event]:
+        """Claim the keys no thread is promoting yet: returns them, the events of the promotions
+        already under way for the others, and the event set when the claimed ones are done."""
         done = threading.Event()
         with self._lock:
             waits = {self._promoting[k] for k in keys if k in self._promoting}
             mine = [k for k in keys if k not in self._promoting]
             for key in mine:
                 self._promoting[key] = done
-        if mine:
-            self._promote_and_unclaim(mine, nbytes, done)
-        for event in waits:
-            event.wait(PROMOTION_WAIT_S)
-        return self.top[1].view(keys)
+        return mine, waits, done
 
     def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: threading.Event) -> None:
         try:
