@@ -3,22 +3,21 @@ for it. Mapping happens once, at registration; every later Save/Load only names 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import itertools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument, NotFound
 from .keys import BlockKey
 from .layout import KVLayout
 from .shm import SharedRegion
 
-
 if TYPE_CHECKING:
     from .memory import EngineMemory
+
 
 @dataclass
 class EngineRegion:

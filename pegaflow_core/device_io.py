@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 #: One block's GPU memory: ``(device address, nbytes)`` pieces in the block's byte order.
 DeviceSegments = Sequence[tuple[int, int]]
 
+
 class LoadRoute(enum.Enum):
     """How one hit reaches an engine's memory (see the module docstring)."""
 

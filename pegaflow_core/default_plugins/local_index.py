@@ -18,7 +18,6 @@ One lock guards everything; every method takes it once.
 from __future__ import annotations
 
 import collections
-
 import heapq
 import itertools
 import math
