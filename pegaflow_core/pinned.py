@@ -1,10 +1,9 @@
 """Which host memory of this process is page-locked for the GPU.
 
-A GPU copy kernel may touch host memory directly only where it is pinned (and device-mapped);
-anywhere else the access faults and kills the daemon's CUDA context. The DRAM tier pins its pool
-chunk by chunk in the background (so a large pool serves within seconds of start), so "is this
-block pinned yet" is a per-copy question: tiers record ranges here as they pin them, and GPU memory
-kinds ask before launching a kernel, copying the rest through the driver instead.
+Asynchronous DMA between the GPU and host memory needs the host side page-locked; the DRAM tier
+pins its pool chunk by chunk in the background (so a large pool serves within seconds of start),
+so "is this block pinned yet" is a per-copy question: tiers record ranges here as they pin them,
+and GPU memory kinds ask before queueing DMA, copying the rest with synchronous driver copies.
 """
 
 from __future__ import annotations

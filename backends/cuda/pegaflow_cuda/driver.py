@@ -8,10 +8,17 @@ the DRAM tier's cudaHostRegister used, so pinned pool memory is visible to our k
 
 from __future__ import annotations
 
+import ctypes
+import logging
 import threading
 from typing import Any
 
+import numpy as np
+
 from pegaflow_core.errors import PegaflowError
+
+
+log = logging.getLogger("pegaflow.cuda")
 
 
 class CudaError(PegaflowError):
@@ -97,9 +104,6 @@ class Device:
             check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, self.handle), "attribute"),
         )
         self.sm_count = check(cu.cuDeviceGetAttribute(attr.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, self.handle), "attribute")
-        # Kernels may use a pinned pool's host addresses as they are only where the device says so.
-        self.host_pointers = bool(check(cu.cuDeviceGetAttribute(
-            attr.CU_DEVICE_ATTRIBUTE_CAN_USE_HOST_POINTER_FOR_REGISTERED_MEM, self.handle), "attribute"))
 
     def enter(self) -> None:
         """Make this device's primary context current in the calling thread."""
@@ -137,3 +141,67 @@ def find_device(uuid: str, ordinal: int) -> int:
             return i
         seen.append(found)
     raise CudaError(f"GPU {uuid} is not visible to the daemon (it sees {seen or 'no GPU'}; check CUDA_VISIBLE_DEVICES)")
+
+
+class _CopyAttributes(ctypes.Structure):
+    """CUmemcpyAttributes: source access order, source and destination location hints, flags."""
+
+    _fields_ = [("src_access_order", ctypes.c_int), ("src_location", ctypes.c_int * 2),
+                ("dst_location", ctypes.c_int * 2), ("flags", ctypes.c_uint)]
+
+
+_SRC_ACCESS_ORDER_STREAM = 1
+_P = ctypes.c_void_p
+
+
+class BatchCopier:
+    """Many copies in one driver call (cuMemcpyBatchAsync, CUDA 12.8+): the copy engines run them
+    back to back at the DMA ceiling, and Python pays one call per batch, not one per copy.
+
+    Bound with ctypes against libcuda because the arrays are numpy's already (cuda-bindings would
+    want one Python object per address). Drivers without the call get one cuMemcpyAsync per copy.
+    """
+
+    def __init__(self) -> None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        self._one = lib.cuMemcpyAsync
+        self._one.argtypes = [ctypes.c_uint64, ctypes.c_uint64, ctypes.c_size_t, _P]
+        self._attrs = _CopyAttributes(src_access_order=_SRC_ACCESS_ORDER_STREAM)
+        self._attrs_index = (ctypes.c_size_t * 1)(0)
+        self._fail_index = ctypes.c_size_t(0)
+        self._batch, self._with_fail_index = None, False
+        if hasattr(lib, "cuMemcpyBatchAsync_v2"):  # CUDA 13: no failIdx argument
+            self._batch = lib.cuMemcpyBatchAsync_v2
+            self._batch.argtypes = [_P, _P, _P, ctypes.c_size_t, _P, _P, ctypes.c_size_t, _P]
+        elif hasattr(lib, "cuMemcpyBatchAsync"):  # CUDA 12.8/12.9
+            self._batch, self._with_fail_index = lib.cuMemcpyBatchAsync, True
+            self._batch.argtypes = [_P, _P, _P, ctypes.c_size_t, _P, _P, ctypes.c_size_t, _P, _P]
+        else:
+            log.warning("this CUDA driver has no cuMemcpyBatchAsync: GPU copies go one cuMemcpyAsync each (slower)")
+        if self._batch is not None:
+            self._batch.restype = ctypes.c_int
+        self._one.restype = ctypes.c_int
+
+    @property
+    def batched(self) -> bool:
+        return self._batch is not None
+
+    def copy(self, dst: np.ndarray, src: np.ndarray, size: np.ndarray, stream: int) -> None:
+        """Enqueue ``size[i]`` bytes from ``src[i]`` to ``dst[i]`` on ``stream`` (uint64 arrays,
+        contiguous; any mix of device and pinned host addresses)."""
+        n = dst.size
+        if n == 0:
+            return
+        if self._batch is None:
+            for d, s, k in zip(dst.tolist(), src.tolist(), size.tolist()):
+                _check_result(self._one(d, s, k, stream), "cuMemcpyAsync")
+            return
+        args = [dst.ctypes.data, src.ctypes.data, size.ctypes.data, n, ctypes.byref(self._attrs), self._attrs_index, 1]
+        if self._with_fail_index:
+            args.append(ctypes.byref(self._fail_index))
+        _check_result(self._batch(*args, stream), f"cuMemcpyBatchAsync({n} copies)")
+
+
+def _check_result(code: int, what: str) -> None:
+    if code != 0:
+        raise CudaError(f"{what}: {_name(cu.CUresult(code))}")

@@ -5,7 +5,7 @@ An engine exports each KV allocation once (``pegaflow_core.regions.region_for_st
 daemon opens it on the GPU with the same UUID and keeps it open until the context goes away (the
 engine's memory stays allocated while the daemon holds it, so the session watcher's unregister
 after an engine crash is what frees it). Saves and loads then only name block ids: the daemon
-builds the segment table (one entry per plane of each block) and one kernel per layer moves it.
+computes the addresses and a lane (lanes.py) moves them by DMA through GPU staging buffers.
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ import numpy as np
 
 from pegaflow_core.backend import Availability
 from pegaflow_core.contexts import EngineRegion
-from pegaflow_core.copier import block_segments
+from pegaflow_core.copier import block_addresses
 from pegaflow_core.errors import InvalidArgument, PegaflowError
 from pegaflow_core.layout import KVLayout
 from pegaflow_core.memory import EngineMemory, RegionRequest
 
 from . import driver
 from .driver import CudaError, Device, check
-from .lanes import Lane, Part
+from .lanes import Blocks, Lane
 
 IPC_HANDLE_BYTES = 64
 
@@ -34,8 +34,8 @@ class _GpuState:
 
     def __init__(self, ordinal: int) -> None:
         self.device = Device(ordinal)
-        self.save = Lane(self.device, host_side="dst")
-        self.load = Lane(self.device, host_side="src")
+        self.save = Lane(self.device, "save")
+        self.load = Lane(self.device, "load")
 
     def close(self) -> None:
         self.save.close()
@@ -141,8 +141,7 @@ class CudaIpcMemory(EngineMemory):
         if not block_ids:
             return
         gpu = self._gpus[_one_device(regions)]
-        engine, stored, length = block_segments(layout, regions, block_ids, dests)
-        gpu.save.run([Part(stored.ravel(), engine.ravel(), np.ascontiguousarray(length).ravel())])
+        gpu.save.save(_blocks(layout, regions, block_ids, dests))
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
                 sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:
@@ -154,9 +153,8 @@ class CudaIpcMemory(EngineMemory):
                     on_layer(done)
             return
         gpu = self._gpus[_one_device(regions)]
-        engine, stored, length = block_segments(layout, regions, [block_ids[i] for i in rows], [sources[i] for i in rows])
-        parts = [Part(engine[:, g].ravel(), stored[:, g].ravel(), np.ascontiguousarray(length[:, g]).ravel()) for g in groups]
-        gpu.load.run(parts, on_layer)
+        blocks = _blocks(layout, regions, [block_ids[i] for i in rows], [sources[i] for i in rows])
+        gpu.load.load(blocks, groups, on_layer)
 
     def fallback_segments(self) -> int:
         """Segments copied by the driver because their pool memory was not pinned yet."""
@@ -179,3 +177,10 @@ def _one_device(regions: Sequence[EngineRegion]) -> int:
     if len(devices) != 1:
         raise InvalidArgument(f"a context's KV regions must all be on one GPU, got devices {sorted(devices)}")
     return devices.pop()
+
+
+def _blocks(layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
+            stored: Sequence[memoryview]) -> Blocks:
+    engine, starts, length = block_addresses(layout, regions, block_ids, stored)
+    offset = np.array(layout.plane_offsets(), dtype=np.uint64)
+    return Blocks(engine, starts, offset, length)
