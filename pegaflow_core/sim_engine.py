@@ -26,9 +26,10 @@ LLAMA_8B = KVShape(num_layers=32, num_blocks=0, block_size=16, num_kv_heads=8, h
 def block_hashes(tokens: Sequence[int], block_size: int, seed: bytes = b"pegaflow") -> list[bytes]:
     """Prefix-chain hashes of the full blocks of ``tokens``."""
     out, parent = [], hashlib.sha256(seed).digest()
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        block = np.asarray(tokens[start : start + block_size], dtype=np.int64).tobytes()
-        parent = hashlib.sha256(parent + block).digest()
+    data = np.asarray(tokens, dtype=np.int64).tobytes()  # once: a numpy array per block costs ~3 us
+    step = 8 * block_size
+    for start in range(0, 8 * (len(tokens) - block_size + 1), step):
+        parent = hashlib.sha256(parent + data[start : start + step]).digest()
         out.append(parent)
     return out
 

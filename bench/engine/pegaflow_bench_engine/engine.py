@@ -35,7 +35,9 @@ class Prefill:
     hit_tokens: int  # served from the backend
     computed_tokens: int
     ttft_s: float
-    query_s: float
+    hash_s: float
+    query_s: float  # hashing included
+    load_wait_s: float  # the compute waiting for layers still loading
     promote_wait_s: float
     save_s: float
     saved_blocks: int
@@ -55,6 +57,7 @@ class Engine:
         self.decoder = Decoder(shape, device, seed=seed, tied=tied, tp_size=tp_size)
         self.cache = PagedKVCache(shape, kv_blocks, device, seed=seed + tp_rank + 1)
         self.instance_id, self.seed, self.tp_rank, self.tp_size = instance_id, seed, tp_rank, tp_size
+        self._load_wait_s = 0.0
         self._register(backend)
 
     def _register(self, backend: KVBackend) -> None:
@@ -73,6 +76,8 @@ class Engine:
         started = time.perf_counter()
         B = self.shape.block_size
         hashes = block_hashes(tokens, B)
+        hashed = time.perf_counter()
+        self._load_wait_s = 0.0
         block_ids = self.cache.allocate(-(-len(tokens) // B))
         try:
             hit = self.backend.lookup(hashes[: (len(tokens) - 1) // B])
@@ -90,7 +95,8 @@ class Engine:
         finally:
             self.cache.free(block_ids)
         hit_tokens = hit.blocks * B
-        return Prefill(len(tokens), hit_tokens, len(tokens) - hit_tokens, ttft, queried - started, hit.wait_s, save_s,
+        return Prefill(len(tokens), hit_tokens, len(tokens) - hit_tokens, ttft, hashed - started, queried - started,
+                       self._load_wait_s, hit.wait_s, save_s,
                        saved, len(failed), next_token, result if keep_logits else None)
 
     @torch.inference_mode()
@@ -113,14 +119,18 @@ class Engine:
         failed: tuple[int, ...] = ()
         for layer in range(self.shape.layers):
             if load is not None:
+                waiting = time.perf_counter()
                 try:
                     load.wait_layer(layer)
                 except PegaflowError:
                     failed = tuple(block_ids[: hit.blocks])
                     load = None
+                self._load_wait_s += time.perf_counter() - waiting
             h = self.decoder.layer(layer, h, positions, self.cache, table, slots, len(tokens))
         if load is not None:
+            waiting = time.perf_counter()
             failed = load.finish()
+            self._load_wait_s += time.perf_counter() - waiting
         return self.decoder.logits(h if keep_logits else h[-1:]), failed
 
     def close(self) -> None:
