@@ -148,12 +148,16 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
             f"entries: expected a sequence of (BlockKey, Location) pairs, got {type(entries).__name__}"
         )
     items: list[tuple[BlockKey, Location]] = []
+    checked: set[int] = set()  # ids of Location objects validated already (a batch often shares one)
     for i, item in enumerate(entries):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise InvalidArgument(f"entries[{i}]: expected a (BlockKey, Location) pair, got {item!r:.80}")
         key, location = item
         if not isinstance(key, BlockKey):
             raise InvalidArgument(f"entries[{i}][0]: expected a BlockKey, got {type(key).__name__} {key!r:.60}")
+        if id(location) in checked:
+            items.append((key, location))
+            continue
         if not isinstance(location, Location):
             raise InvalidArgument(
                 f"entries[{i}][1]: expected a Location, got {type(location).__name__} {location!r:.60}"
@@ -176,6 +180,7 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
             raise InvalidArgument(
                 f"entries[{i}][1].checksum: expected an integer >= 0 or None, got {location.checksum!r}"
             )
+        checked.add(id(location))
         items.append((key, location))
     return items
 

@@ -157,7 +157,8 @@ class TierStack:
             except BaseException:
                 top.abort(got_keys)  # commit is all-or-nothing, so nothing of the batch is visible
                 raise
-            self.index.insert([(k, Location(name, self.node, nbytes)) for k in got_keys])
+            here = Location(name, self.node, nbytes)  # one object for the batch: validated once
+            self.index.insert([(k, here) for k in got_keys])
         finally:
             with self._lock:
                 self._in_flight.difference_update(keys[i] for i in todo)

@@ -92,21 +92,24 @@ class LocalIndex(Index):
         items = check_entries(entries)
         with self._lock:
             self._check_open()
+            entries, recency = self._entries, self._recency
             for key, location in items:
-                entry = self._entries.get(key)
+                entry = entries.get(key)
                 if entry is None:
-                    entry = self._entries[key] = _Entry(key)
-                if not entry.locations:
+                    entry = entries[key] = _Entry(key)
+                fresh = not entry.locations
+                if fresh:
                     self._blocks += 1
                 where = (location.tier, location.node)
                 if where not in entry.locations:
-                    order = self._recency.get(where)
+                    order = recency.get(where)
                     if order is None:
-                        order = self._recency[where] = OrderedDict()
+                        order = recency[where] = OrderedDict()
                     order[entry] = None
                 entry.locations[where] = location
                 entry.snapshot = tuple(entry.locations.values())
-                self._touch(entry)
+                if not fresh:  # a fresh entry was just appended to its one order: newest already
+                    self._touch(entry)
 
     def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:
         keys = check_keys(keys)

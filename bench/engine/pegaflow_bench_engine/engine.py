@@ -38,6 +38,8 @@ class Prefill:
     hash_s: float
     query_s: float  # hashing included
     load_wait_s: float  # the compute waiting for layers still loading
+    load_issue_s: float  # the Load call itself (until the engine may start computing)
+    load_end_s: float  # from arrival to the last layer loaded (0: nothing loaded)
     promote_wait_s: float
     save_s: float
     saved_blocks: int
@@ -57,7 +59,7 @@ class Engine:
         self.decoder = Decoder(shape, device, seed=seed, tied=tied, tp_size=tp_size)
         self.cache = PagedKVCache(shape, kv_blocks, device, seed=seed + tp_rank + 1)
         self.instance_id, self.seed, self.tp_rank, self.tp_size = instance_id, seed, tp_rank, tp_size
-        self._load_wait_s = 0.0
+        self._load_wait_s = self._load_issue_s = self._load_end_s = self._started = 0.0
         self._register(backend)
 
     def _register(self, backend: KVBackend) -> None:
@@ -77,7 +79,8 @@ class Engine:
         B = self.shape.block_size
         hashes = block_hashes(tokens, B)
         hashed = time.perf_counter()
-        self._load_wait_s = 0.0
+        self._load_wait_s = self._load_issue_s = self._load_end_s = 0.0
+        self._started = started
         block_ids = self.cache.allocate(-(-len(tokens) // B))
         try:
             hit = self.backend.lookup(hashes[: (len(tokens) - 1) // B])
@@ -96,7 +99,7 @@ class Engine:
             self.cache.free(block_ids)
         hit_tokens = hit.blocks * B
         return Prefill(len(tokens), hit_tokens, len(tokens) - hit_tokens, ttft, hashed - started, queried - started,
-                       self._load_wait_s, hit.wait_s, save_s,
+                       self._load_wait_s, self._load_issue_s, self._load_end_s, hit.wait_s, save_s,
                        saved, len(failed), next_token, result if keep_logits else None)
 
     @torch.inference_mode()
@@ -106,8 +109,10 @@ class Engine:
         B, dev = self.shape.block_size, self.device
         load = None
         if hit.blocks:
+            issued = time.perf_counter()
             try:
                 load = self.backend.load(hit, block_ids[: hit.blocks])
+                self._load_issue_s = time.perf_counter() - issued
             except PegaflowError:
                 return self._forward(tokens, block_ids, Hit(0), keep_logits)[0], tuple(block_ids[: hit.blocks])
         start = hit.blocks * B
@@ -130,7 +135,8 @@ class Engine:
         if load is not None:
             waiting = time.perf_counter()
             failed = load.finish()
-            self._load_wait_s += time.perf_counter() - waiting
+            self._load_end_s = time.perf_counter() - self._started
+            self._load_wait_s += self._load_end_s + self._started - waiting
         return self.decoder.logits(h if keep_logits else h[-1:]), failed
 
     def close(self) -> None:

@@ -99,10 +99,12 @@ def _report(settings: Settings, no_cache: list[Prefill], cold: list[Prefill], wa
                             "hash_ms_mean": 1e3 * sum(r.hash_s for r in runs) / len(runs),
                             "query_ms_mean": 1e3 * sum(r.query_s - r.hash_s for r in runs) / len(runs),
                             "load_wait_ms_mean": 1e3 * sum(r.load_wait_s for r in runs) / len(runs),
+                            "load_call_ms_mean": 1e3 * sum(r.load_issue_s for r in runs) / len(runs),
+                            "loaded_at_ms_mean": 1e3 * sum(r.load_end_s for r in runs) / len(runs),
                             "failed_blocks": sum(r.failed_blocks for r in runs)}
         f = figures[key]
         rows.append([name, s["n"], s["mean_ms"], s["p99_ms"], f"{100 * hit:.1f}%", f["hash_ms_mean"], f["query_ms_mean"],
-                     f["load_wait_ms_mean"], f["save_ms_mean"]])
+                     f["load_call_ms_mean"], f["load_wait_ms_mean"], f["loaded_at_ms_mean"], f["save_ms_mean"]])
     cold_s, warm_s, ssd_s = figures["cold"], figures["warm_dram"], figures["warm_ssd"]
     ratios = {
         "cold / warm_dram (mean)": ratio(cold_s["mean_ms"], warm_s["mean_ms"]),
@@ -111,7 +113,8 @@ def _report(settings: Settings, no_cache: list[Prefill], cold: list[Prefill], wa
         "cold / no KV backend (mean): miss overhead": ratio(cold_s["mean_ms"], figures["no_kv_backend"]["mean_ms"]),
     }
     say(table(f"TTFT, {T}-token prompts ({settings.shape.name}, {settings.device}, backend {settings.backend})",
-              ["phase", "n", "mean ms", "p99 ms", "hit", "hash ms", "query ms", "waiting for loads ms", "save ms"], rows))
+              ["phase", "n", "mean ms", "p99 ms", "hit", "hash ms", "query ms", "Load call ms", "waiting for loads ms", "all loaded at ms",
+               "save ms"], rows))
     say(table("TTFT vs cached prefix", ["cached tokens", "TTFT ms"], [[p["cached_tokens"], p["ttft_ms"]] for p in sweep]))
     say(table("ratios (baseline: cold, same run)", ["ratio", "value"], [[k, v] for k, v in ratios.items()]))
     say(f"plot: {plot}")
