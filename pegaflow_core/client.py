@@ -317,6 +317,13 @@ class PegaflowClient:
         stream = self._stub.Load(request, timeout=max(self.timeout_s, 60.0))
         return LoadHandle(stream, handle.spec.num_layers)
 
+    def probe_remote(self, handle: ContextHandle, node: str, block_hashes: Sequence[bytes]) -> tuple[int, float]:
+        """(bytes, seconds) of the bare transport moving these blocks from ``node``, which holds
+        them, into scratch space here; for benchmarks (see ``pegaflow bench remote``)."""
+        reply = self._with_context(handle, "ProbeRemote", lambda cid: pb.ProbeRemoteRequest(
+            context_id=cid, node=node, block_hashes=list(block_hashes)), "probe")
+        return reply.bytes, reply.seconds
+
     def release(self, lease_ids: Sequence[str]) -> int:
         return self._call("Release", pb.ReleaseRequest(lease_ids=[l for l in lease_ids if l]), "release").released
 

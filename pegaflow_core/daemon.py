@@ -404,6 +404,13 @@ class Servicer(pb_grpc.PegaflowServicer):
             sums.append((known if known is not None else checksum(view)) if held else 0)
         return pb.PinResponse(lease_id=lease.lease_id, offsets=offsets, nbytes=sizes, checksums=sums)
 
+    @_rpc
+    async def ProbeRemote(self, request: pb.ProbeRemoteRequest, context: grpc.aio.ServicerContext) -> pb.ProbeRemoteResponse:
+        ctx = self.contexts.get(request.context_id)
+        moved, seconds = await self._offload(self.stack.probe_remote, request.node,
+                                             ctx.keys(request.block_hashes), ctx.block_bytes)
+        return pb.ProbeRemoteResponse(bytes=moved, seconds=seconds)
+
     # -- housekeeping -------------------------------------------------------------------------
     def expire(self) -> None:
         now = time.monotonic()

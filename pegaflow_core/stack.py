@@ -9,6 +9,7 @@ and to engine memory are the caller's (the daemon's copier); the stack hands out
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -414,6 +415,27 @@ class TierStack:
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:
             top.abort([keys[i] for i in pending])
+
+    def probe_remote(self, node: str, keys: Sequence[BlockKey], nbytes: int) -> tuple[int, float]:
+        """Time the bare transport moving ``keys`` from ``node`` (which holds them) into scratch
+        slots of the top tier (given back afterwards): the baseline of ``pegaflow bench remote``,
+        taken between the same two daemons, pools and transport endpoints as a remote fetch."""
+        probes = [tier for _, tier in self.tiers[1:] if hasattr(tier, "probe")]
+        if not probes:
+            raise InvalidArgument("probe: this daemon has no tier that fetches from other nodes (add `- {kind: remote}`)")
+        _, top = self.top
+        scratch = [BlockKey(k.namespace, hashlib.sha256(b"pegaflow-probe" + k.block_hash).digest(), k.shard) for k in keys]
+        slots = top.reserve(scratch, nbytes)
+        try:
+            if any(s is None for s in slots):
+                top.abort(scratch)
+                self.make_room(0, len(scratch))
+                slots = top.reserve(scratch, nbytes)
+            if any(s is None for s in slots):
+                raise PegaflowError(f"probe: the top tier has no room for {len(keys)} scratch blocks")
+            return probes[0].probe(node, keys, slots)
+        finally:
+            top.abort(scratch)
 
     def release(self, lease_id: str) -> bool:
         return self.index.release(lease_id)

@@ -11,7 +11,8 @@ import pytest
 from daemon_helpers import SMALL
 from pegaflow_core.client import PegaflowClient
 from pegaflow_core.launcher import DaemonProcess
-from pegaflow_core.sim_engine import SimulatedEngine
+from pegaflow_core.errors import InvalidArgument
+from pegaflow_core.sim_engine import SimulatedEngine, block_hashes
 
 testing = pytest.importorskip("pegaflow_redis.testing")
 if testing.REDIS_SERVER is None:
@@ -123,3 +124,20 @@ def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
         for engine in (first, second, reader):
             engine.close()
 
+
+
+def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
+            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
+        saver = SimulatedEngine(on_a, SMALL, model="probe", instance_id="a0")
+        prober = SimulatedEngine(on_b, SMALL, model="probe", instance_id="b0")
+        saver.prefill(prompt(6))
+        hashes = block_hashes(prompt(6), SMALL.block_size)
+        moved, seconds = on_b.probe_remote(prober.handle, "a", hashes)
+        assert moved == 12 * SMALL.block_bytes and seconds > 0
+        assert on_b.stats().counters.get("bytes_total{direction=promote,tier=remote}", 0) == 0  # scratch, not stored
+        with pytest.raises(InvalidArgument, match="node 'zz' is not another live node"):
+            on_b.probe_remote(prober.handle, "zz", hashes)
+        saver.close()
+        prober.close()

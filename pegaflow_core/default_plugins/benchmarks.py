@@ -32,7 +32,7 @@ class DaemonBenchmark:
 
 
 class RemoteBenchmark:
-    """Remote-tier fetch between two daemons vs the raw transport between two processes."""
+    """Remote-tier fetch between two daemons vs the bare transport between the same two daemons."""
 
     kind = "remote"
     help = "blocks fetched by node b from node a's pool through the remote tier, vs the raw transport"
@@ -42,6 +42,7 @@ class RemoteBenchmark:
         p.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per round (default %(default)s)")
         p.add_argument("--rounds", type=int, default=3, help="timed rounds (default %(default)s)")
         p.add_argument("--transport", default="loopback", help="transport kind (default %(default)s)")
+        p.add_argument("--no-verify", action="store_true", help="remote tier with verify: false (trust the transport)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,9 +17,12 @@ saved, not pushed to peers) and it holds no capacity.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -39,13 +42,18 @@ from pegaflow_core.transport import RemoteRegion, TransferOp
 
 log = logging.getLogger("pegaflow.remote")
 
-PIPELINE_OPS = 16  # blocks per transfer batch: small enough to overlap verification with the next
+PIPELINE_BYTES = 8 << 20  # bytes per transfer batch at most: verified while the next batches arrive
+PIPELINE_OPS = 16  # blocks per transfer batch at most (small blocks)
+PIPELINE_DEPTH = 2  # batches in flight
 
 
 @dataclass(frozen=True)
 class RemoteOptions:
     timeout: Duration = field(default=Duration(5.0), metadata={"help": "how long one peer may take to pin and send a batch"})
     lease_ttl: Duration = field(default=Duration(30.0), metadata={"help": "how long a peer keeps blocks pinned for us at most"})
+    verify: bool = field(default=True, metadata={
+        "help": "check each fetched block against the checksum its owner sealed (false: trust the transport's "
+                "own integrity checks; a failed or cut transfer is still a miss either way)"})
 
 
 class RemoteTier(Tier):
@@ -119,48 +127,96 @@ class RemoteTier(Tier):
         for channel, _ in stubs.values():
             channel.close()
 
-    # -- internals ----------------------------------------------------------------------------
-    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview]) -> list[bool]:
+    def probe(self, node: str, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> tuple[int, float]:
+        """The bare transport on the same path as a fetch, for ``pegaflow bench remote``'s
+        baseline: pin ``keys`` on ``node`` and move their bytes into ``dests`` (scratch slots of
+        this node's pool) with one ``transport.read``, no pipelining, no verification. Returns
+        (bytes moved, seconds the read took)."""
+        self._check_open()
+        keys = check_keys(keys)
+        if len(keys) != len(dests):
+            raise InvalidArgument(f"dests: expected one buffer per key ({len(keys)}), got {len(dests)}")
         context = self._ctx()
+        info = context.index.nodes().get(node)
+        if info is None or node == context.node:
+            raise InvalidArgument(f"probe: node {node!r} is not another live node of the cluster")
+        targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
+        with self._pinned(info, keys) as (remote, pinned):
+            ops, _ = self._plan(context, remote, pinned, targets)
+            if len(ops) != len(keys):
+                raise PegaflowError(f"probe: node {node!r} holds {len(ops)} of the {len(keys)} blocks")
+            started = time.perf_counter()
+            context.transport.read(ops, timeout_s=self.options.timeout).result(timeout=self.options.timeout + 1)
+            return sum(op.length for op in ops), time.perf_counter() - started
+
+    # -- internals ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _pinned(self, info: object, keys: list[BlockKey]) -> Iterator[tuple[RemoteRegion, pb.PinResponse]]:
+        """Pin ``keys`` on their owner for the duration of the block (the pin also expires by
+        itself if this node dies first)."""
         kind = self._transport_kind(info)
-        address = info.transports[f"{kind}.address"].decode()
-        remote = RemoteRegion(address, info.transports[f"{kind}.pool"])
+        remote = RemoteRegion(info.transports[f"{kind}.address"].decode(), info.transports[f"{kind}.pool"])
         stub = self._stub(info.address)
         pinned = stub.Pin(
             pb.PinRequest(blocks=[pb.BlockRef(namespace=k.namespace, block_hash=k.block_hash, shard=k.shard) for k in keys],
-                          lease_ttl_s=self.options.lease_ttl, requester=context.node),
+                          lease_ttl_s=self.options.lease_ttl, requester=self._ctx().node),
             timeout=self.options.timeout,
         )
         try:
-            pool = np.frombuffer(context.top.buffer(), dtype=np.uint8)
-            base, end = pool.__array_interface__["data"][0], pool.__array_interface__["data"][0] + pool.size
-            ops, wanted = [], []
-            for i, (target, offset, nbytes) in enumerate(zip(targets, pinned.offsets, pinned.nbytes)):
-                address_of = np.frombuffer(target, dtype=np.uint8).__array_interface__["data"][0]
-                if offset < 0 or nbytes != len(target) or not base <= address_of < end:
-                    continue  # not on that node any more, another size, or not a slot of our pool
-                ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
-                wanted.append(i)
-            results = [False] * len(keys)
-            # Pipelined: the next batch is in flight while this one is verified (the checksum runs
-            # without the GIL), so verification costs little beyond the transfer itself.
-            batches = [list(range(lo, min(len(ops), lo + PIPELINE_OPS))) for lo in range(0, len(ops), PIPELINE_OPS)]
-            pending = self._read(context, ops, batches[0]) if batches else None
-            for n, batch in enumerate(batches):
-                pending.result(timeout=self.options.timeout + 1)
-                pending = self._read(context, ops, batches[n + 1]) if n + 1 < len(batches) else None
-                for j in batch:
-                    i = wanted[j]
-                    results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
+            yield remote, pinned
         finally:
             try:
                 stub.Release(pb.ReleaseRequest(lease_ids=[pinned.lease_id]), timeout=self.options.timeout)
             except grpc.RpcError:
                 pass  # the pin expires by itself
+
+    def _plan(self, context: StackContext, remote: RemoteRegion, pinned: pb.PinResponse,
+              targets: list[memoryview]) -> tuple[list[TransferOp], list[int]]:
+        """One read op per block the owner still holds at the size we expect, into a slot of our
+        pool; and the position of each op's block."""
+        pool = np.frombuffer(context.top.buffer(), dtype=np.uint8)
+        base = pool.__array_interface__["data"][0]
+        end = base + pool.size
+        ops, wanted = [], []
+        for i, (target, offset, nbytes) in enumerate(zip(targets, pinned.offsets, pinned.nbytes)):
+            address_of = np.frombuffer(target, dtype=np.uint8).__array_interface__["data"][0]
+            if offset < 0 or nbytes != len(target) or not base <= address_of < end:
+                continue  # not on that node any more, another size, or not a slot of our pool
+            ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
+            wanted.append(i)
+        return ops, wanted
+
+    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview]) -> list[bool]:
+        context = self._ctx()
+        results = [False] * len(keys)
+        with self._pinned(info, keys) as (remote, pinned):
+            ops, wanted = self._plan(context, remote, pinned, targets)
+            # Pipelined: batches of at most PIPELINE_OPS blocks or PIPELINE_BYTES, PIPELINE_DEPTH of
+            # them in flight, so the link never waits for this thread and each block is verified
+            # (without the GIL) soon after it arrived, while it is still in the CPU's cache.
+            per_batch = max(1, min(PIPELINE_OPS, PIPELINE_BYTES // max((op.length for op in ops), default=1)))
+            batches = [range(lo, min(len(ops), lo + per_batch)) for lo in range(0, len(ops), per_batch)]
+            in_flight: collections.deque[Any] = collections.deque()
+            try:
+                for n, batch in enumerate(batches):
+                    while len(in_flight) < PIPELINE_DEPTH and n + len(in_flight) < len(batches):
+                        in_flight.append(self._read(context, ops, batches[n + len(in_flight)]))
+                    in_flight.popleft().result(timeout=self.options.timeout + 1)
+                    for j in batch:
+                        i = wanted[j]
+                        results[i] = not self.options.verify or self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
+            finally:
+                # A batch still in flight writes into slots our caller frees when we fail: wait
+                # for it (each read ends by its own timeout) before handing them back.
+                for pending in in_flight:
+                    try:
+                        pending.result(timeout=self.options.timeout + 1)
+                    except Exception:
+                        pass
         return results
 
-    def _read(self, context: StackContext, ops: list[TransferOp], batch: list[int]) -> Any:
-        return context.transport.read([ops[j] for j in batch], timeout_s=self.options.timeout)
+    def _read(self, context: StackContext, ops: list[TransferOp], batch: range) -> Any:
+        return context.transport.read(ops[batch.start : batch.stop], timeout_s=self.options.timeout)
 
     def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str) -> bool:
         if checksum(target) == expected:
