@@ -113,10 +113,8 @@ class Decoder:
         k = _rotate(k.view(n, s.kv_heads, s.head_dim), cos, sin)
         cache.write(index, slots, k, v.view(n, s.kv_heads, s.head_dim))
         keys, values = cache.gather(index, block_table, total)
-        group = s.q_heads // s.kv_heads
-        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
-        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-        out = _causal_attention(q.transpose(0, 1), keys, values)
+        # Grouped-query attention in the kernel (enable_gqa): no copy of K/V per query head.
+        out = _causal_attention(q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1))
         return out.transpose(0, 1).reshape(n, -1) @ w.wo.T
 
     def _mla(self, index: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
@@ -157,8 +155,11 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q [heads, new, d] attends to k/v [heads, total, d]; the new tokens are the last ones."""
+    """q [heads, new, d] attends to k/v [kv_heads, total, d] (kv_heads divides heads); the new
+    tokens are the last ones."""
     new, total = q.shape[1], k.shape[1]
+    gqa = k.shape[0] != q.shape[0]
     if new == total:
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True)[0]
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(new, total))[0]
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, enable_gqa=gqa)[0]
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(new, total),
+                                          enable_gqa=gqa)[0]
