@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import NamedTuple
 
+import numpy as np
+
 from .errors import InvalidArgument
 
 MAX_HASH_BYTES = 64
@@ -50,6 +52,21 @@ class BlockKey(_BlockKeyFields):
         if min(lengths) == 0 or max(lengths) > MAX_HASH_BYTES:
             for i, block_hash in enumerate(hashes):
                 _check_hash(block_hash, f"block_hashes[{i}]")
+        return list(map(tuple.__new__, repeat(cls), zip(repeat(namespace), hashes, repeat(shard))))
+
+    @classmethod
+    def from_packed(cls, namespace: str, packed: bytes, hash_bytes: int, shard: int = 0) -> list[BlockKey]:
+        """Keys of equal-size hashes concatenated in ``packed`` (the wire's packed form): the
+        buffer is validated once and split in C, with no per-hash check."""
+        _check_namespace(namespace)
+        _check_shard(shard)
+        if not 0 < hash_bytes <= MAX_HASH_BYTES:
+            raise InvalidArgument(f"hash_bytes: expected 1..{MAX_HASH_BYTES}, got {hash_bytes}")
+        if len(packed) % hash_bytes:
+            raise InvalidArgument(
+                f"packed_block_hashes: {len(packed)} bytes is not a whole number of {hash_bytes}-byte hashes"
+            )
+        hashes = np.frombuffer(packed, dtype=f"V{hash_bytes}").tolist()  # bytes objects, NULs kept
         return list(map(tuple.__new__, repeat(cls), zip(repeat(namespace), hashes, repeat(shard))))
 
     def encode(self) -> bytes:
