@@ -240,7 +240,7 @@ class Servicer(pb_grpc.PegaflowServicer):
     async def Save(self, request: pb.SaveRequest, context: grpc.aio.ServicerContext) -> pb.SaveResponse:
         ctx = self.contexts.get(request.context_id)
         ids = block_ids_of(request)
-        keys = keys_of(request, ctx.namespace, ctx.shard)
+        keys = keys_of(request, ctx.key_cache)
         if len(ids) != len(keys):
             raise InvalidArgument(f"block_ids has {len(ids)} entries but block_hashes has {len(keys)}")
         layout = ctx.kv_layout()
@@ -265,7 +265,7 @@ class Servicer(pb_grpc.PegaflowServicer):
     @_rpc
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> pb.QueryResponse:
         ctx = self.contexts.get(request.context_id)
-        keys = keys_of(request, ctx.namespace, ctx.shard)
+        keys = keys_of(request, ctx.key_cache)
         ttl = request.lease_ttl_s or self.config.server.lease_ttl
         if ttl < 0:
             raise InvalidArgument(f"lease_ttl_s must be >= 0, got {ttl}")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgument
-from .keys import MAX_HASH_BYTES, BlockKey
+from .keys import MAX_HASH_BYTES, BlockKey, KeyCache
 
 assert array("I").itemsize == 4, "the packed form needs a 4-byte array('I')"
 
@@ -63,10 +63,21 @@ def block_ids_of(request: Any) -> np.ndarray:
     return np.array(request.block_ids, dtype=np.uint32)
 
 
-def keys_of(request: Any, namespace: str, shard: int) -> list[BlockKey]:
-    """A Save or Query request's keys, from whichever form it used."""
-    if request.packed_block_hashes or request.hash_bytes:
-        if request.block_hashes:
-            raise InvalidArgument("block_hashes and packed_block_hashes are both set: send one form")
-        return BlockKey.from_packed(namespace, request.packed_block_hashes, request.hash_bytes, shard)
-    return BlockKey.many(namespace, request.block_hashes, shard)
+def hashes_of(request: Any) -> list[bytes]:
+    """A Save or Query request's hashes, from whichever form it used; the packed form is
+    checked whole and split in C (sizes are validated once, not per hash)."""
+    if not (request.packed_block_hashes or request.hash_bytes):
+        return list(request.block_hashes)
+    if request.block_hashes:
+        raise InvalidArgument("block_hashes and packed_block_hashes are both set: send one form")
+    packed, size = request.packed_block_hashes, request.hash_bytes
+    if not 0 < size <= MAX_HASH_BYTES:
+        raise InvalidArgument(f"hash_bytes: expected 1..{MAX_HASH_BYTES}, got {size}")
+    if len(packed) % size:
+        raise InvalidArgument(f"packed_block_hashes: {len(packed)} bytes is not a whole number of {size}-byte hashes")
+    return np.frombuffer(packed, dtype=f"V{size}").tolist()  # bytes objects, NULs kept
+
+
+def keys_of(request: Any, cache: KeyCache) -> list[BlockKey]:
+    """A Save or Query request's keys (``cache``: its context's namespace and shard)."""
+    return cache.keys(hashes_of(request))
