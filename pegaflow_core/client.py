@@ -23,6 +23,7 @@ from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .errors import CapacityError, DaemonUnavailable, InvalidArgument, NotFound, PegaflowError
 from .layout import Plane
+from .packed import pack_block_ids, pack_hashes
 
 log = logging.getLogger("pegaflow.client")
 
@@ -90,6 +91,7 @@ class ContextHandle:
     context_id: str = ""
     block_bytes: int = 0
     daemon_id: str = ""
+    packed_keys: bool = False  # the daemon reads the packed form of ids and hashes (packed.py)
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,7 @@ class PegaflowClient:
     def _register(self, handle: ContextHandle) -> None:
         reply = self._call("RegisterContext", register_request(handle.spec, self.session_id), "register_context")
         handle.context_id, handle.block_bytes, handle.daemon_id = reply.context_id, reply.block_bytes, reply.daemon_id
+        handle.packed_keys = reply.packed_keys
 
     def unregister_context(self, handle: ContextHandle) -> None:
         with self._lock:
@@ -301,13 +304,27 @@ class PegaflowClient:
                 pass
 
     def save(self, handle: ContextHandle, block_ids: Sequence[int], block_hashes: Sequence[bytes]) -> SaveResult:
-        reply = self._with_context(handle, "Save", lambda cid: pb.SaveRequest(
-            context_id=cid, block_ids=list(block_ids), block_hashes=list(block_hashes)), "save")
+        packed = pack_hashes(block_hashes)
+
+        def request(cid: str) -> pb.SaveRequest:
+            if packed is None or not handle.packed_keys:  # odd hashes (the daemon names them), an older daemon
+                return pb.SaveRequest(context_id=cid, block_ids=list(block_ids), block_hashes=list(block_hashes))
+            return pb.SaveRequest(context_id=cid, packed_block_ids=pack_block_ids(block_ids),
+                                  packed_block_hashes=packed[0], hash_bytes=packed[1])
+
+        reply = self._with_context(handle, "Save", request, "save")
         return SaveResult(reply.stored, reply.already_present, reply.dropped)
 
     def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0) -> QueryResult:
-        reply = self._with_context(handle, "Query", lambda cid: pb.QueryRequest(
-            context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s), "query")
+        packed = pack_hashes(block_hashes)
+
+        def request(cid: str) -> pb.QueryRequest:
+            if packed is None or not handle.packed_keys:
+                return pb.QueryRequest(context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s)
+            return pb.QueryRequest(context_id=cid, packed_block_hashes=packed[0], hash_bytes=packed[1],
+                                   lease_ttl_s=lease_ttl_s)
+
+        reply = self._with_context(handle, "Query", request, "query")
         return QueryResult(reply.hit_blocks, reply.lease_id, reply.loading)
 
     def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:

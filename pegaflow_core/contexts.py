@@ -7,11 +7,11 @@ import itertools
 import secrets
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .errors import InvalidArgument, NotFound
-from .keys import BlockKey
+from .keys import BlockKey, KeyCache
 from .layout import KVLayout
 from .shm import SharedRegion
 
@@ -57,6 +57,12 @@ class EngineContext:
     tp_size: int = 1
     query_block_bytes: int = 0
     memory: EngineMemory | None = None  # the memory kind that opened ``regions`` and copies for them
+    # Keys by hash, shared by the contexts of one namespace and shard once in a ContextTable.
+    key_cache: KeyCache = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.key_cache is None:
+            self.key_cache = KeyCache(self.namespace, self.shard)
 
     @property
     def block_bytes(self) -> int:
@@ -72,7 +78,7 @@ class EngineContext:
         return self.layout
 
     def keys(self, block_hashes: Sequence[bytes]) -> list[BlockKey]:
-        return BlockKey.many(self.namespace, block_hashes, self.shard)
+        return self.key_cache.keys(list(block_hashes))
 
     def close(self) -> None:
         for region in self.regions:
@@ -87,6 +93,7 @@ class ContextTable:
         self._by_id: dict[str, EngineContext] = {}
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
+        self._key_caches: dict[tuple[str, int], KeyCache] = {}
 
     def new_id(self) -> str:
         return f"ctx-{self._prefix}-{next(self._ids)}"
@@ -107,6 +114,7 @@ class ContextTable:
                         f"session as {other.context_id}; unregister it first"
                     )
             self._by_id[context.context_id] = context
+            context.key_cache = self._key_caches.setdefault((context.namespace, context.shard), context.key_cache)
 
     def get(self, context_id: str) -> EngineContext:
         with self._lock:
@@ -120,6 +128,7 @@ class ContextTable:
             context = self._by_id.pop(context_id, None)
         if context is None:
             raise NotFound(f"unknown context {context_id!r}")
+        self._drop_unused_caches()
         return context
 
     def pop_session(self, session_id: str) -> list[EngineContext]:
@@ -127,7 +136,15 @@ class ContextTable:
             gone = [c for c in self._by_id.values() if c.session_id == session_id]
             for c in gone:
                 del self._by_id[c.context_id]
+        self._drop_unused_caches()
         return gone
+
+    def _drop_unused_caches(self) -> None:
+        """Forget the key caches of namespaces and shards no context uses any more."""
+        with self._lock:
+            used = {(c.namespace, c.shard) for c in self._by_id.values()}
+            for gone in self._key_caches.keys() - used:
+                del self._key_caches[gone]
 
     def __len__(self) -> int:
         return len(self._by_id)

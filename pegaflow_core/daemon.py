@@ -34,6 +34,7 @@ from .keys import BlockKey
 from .layout import KVLayout, Plane
 from .memory import EngineMemory, RegionRequest
 from .metrics import Metrics
+from .packed import block_ids_of, keys_of
 from .plugins import get_registry
 from .shm import reap_orphans
 from .stack import TierStack
@@ -172,7 +173,8 @@ class Servicer(pb_grpc.PegaflowServicer):
             raise
         log.info("registered %s: instance %s ns %s shard %d, %d blocks of %d bytes",
                  ctx.context_id, ctx.instance_id, ctx.namespace, ctx.shard, layout.num_blocks, layout.block_bytes)
-        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes, daemon_id=self.daemon_id)
+        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes,
+                                          daemon_id=self.daemon_id, packed_keys=True)
 
     def _register_query_only(self, request: pb.RegisterContextRequest) -> pb.RegisterContextResponse:
         """A context without KV memory (a scheduler): it names its namespace's block size so a
@@ -192,7 +194,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         self.contexts.add(ctx)
         log.info("registered %s: query-only, instance %s ns %s shard %d", ctx.context_id, ctx.instance_id,
                  ctx.namespace, ctx.shard)
-        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=request.block_bytes, daemon_id=self.daemon_id)
+        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=request.block_bytes,
+                                          daemon_id=self.daemon_id, packed_keys=True)
 
     def _map_regions(self, regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
         kinds = {r.kind for r in regions}
@@ -236,18 +239,19 @@ class Servicer(pb_grpc.PegaflowServicer):
     @_rpc
     async def Save(self, request: pb.SaveRequest, context: grpc.aio.ServicerContext) -> pb.SaveResponse:
         ctx = self.contexts.get(request.context_id)
-        if len(request.block_ids) != len(request.block_hashes):
-            raise InvalidArgument(f"block_ids has {len(request.block_ids)} entries but block_hashes has {len(request.block_hashes)}")
-        block_ids = list(request.block_ids)
+        ids = block_ids_of(request)
+        keys = keys_of(request, ctx.key_cache)
+        if len(ids) != len(keys):
+            raise InvalidArgument(f"block_ids has {len(ids)} entries but block_hashes has {len(keys)}")
         layout = ctx.kv_layout()
-        layout.check_block_ids(block_ids)
-        keys = ctx.keys(request.block_hashes)
+        layout.check_block_ids(ids)
 
         present = self.stack.stored_here(keys)
         if all(present):  # every block is stored on this node already: no copy, no thread hop
             self.metrics.deduplicated.inc(len(keys))
             return pb.SaveResponse(already_present=len(keys))
 
+        block_ids = ids.tolist()
         memory = ctx.memory
 
         def fill(positions: list[int], views: list[memoryview]) -> None:
@@ -261,7 +265,7 @@ class Servicer(pb_grpc.PegaflowServicer):
     @_rpc
     async def Query(self, request: pb.QueryRequest, context: grpc.aio.ServicerContext) -> pb.QueryResponse:
         ctx = self.contexts.get(request.context_id)
-        keys = ctx.keys(request.block_hashes)
+        keys = keys_of(request, ctx.key_cache)
         ttl = request.lease_ttl_s or self.config.server.lease_ttl
         if ttl < 0:
             raise InvalidArgument(f"lease_ttl_s must be >= 0, got {ttl}")

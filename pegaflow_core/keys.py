@@ -68,6 +68,40 @@ class BlockKey(_BlockKeyFields):
         return f"BlockKey({self.namespace!r}, {self.block_hash.hex()[:16]}, shard={self.shard})"
 
 
+class KeyCache:
+    """The keys of one namespace and shard by hash, for the daemon's hot path.
+
+    Engines send the same hashes again and again: every Query re-sends a prompt's whole prefix
+    chain, a Save follows the Query of the same blocks, requests share system prompts. A key seen
+    before costs one dict lookup of its hash here instead of a new tuple, and the index then finds
+    the very object it stores (a dict compares identical keys without looking inside). Bounded:
+    cleared when it would pass ``limit`` keys, so it never holds more than a recent working set.
+    Thread-safe through the GIL: every step is one C-level dict call.
+    """
+
+    def __init__(self, namespace: str, shard: int = 0, limit: int = 1 << 16) -> None:
+        _check_namespace(namespace)
+        _check_shard(shard)
+        self.namespace = namespace
+        self.shard = shard
+        self.limit = limit
+        self._known: dict[bytes, BlockKey] = {}
+
+    def keys(self, block_hashes: list[bytes]) -> list[BlockKey]:
+        """``BlockKey.many(namespace, block_hashes, shard)``, reusing the keys seen before."""
+        known = self._known
+        found = list(map(known.get, block_hashes))
+        if all(found):  # a BlockKey is a non-empty tuple, a miss is None
+            return found
+        built = BlockKey.many(self.namespace, block_hashes, self.shard)  # validates the new hashes
+        if len(known) + len(built) > self.limit:
+            known.clear()
+        return list(map(known.setdefault, block_hashes, built))  # keeps the known ones' identity
+
+    def __len__(self) -> int:
+        return len(self._known)
+
+
 def _check_namespace(namespace: object) -> None:
     if not isinstance(namespace, str) or not namespace:
         raise InvalidArgument(f"BlockKey.namespace: expected a non-empty string, got {namespace!r}")

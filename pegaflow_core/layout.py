@@ -15,6 +15,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import InvalidArgument
 
 
@@ -74,7 +76,11 @@ class KVLayout:
                     f"{p.region} ({region_sizes[p.region]} bytes)"
                 )
 
-    def check_block_ids(self, block_ids: Sequence[int]) -> None:
+    def check_block_ids(self, block_ids: Sequence[int] | np.ndarray) -> None:
+        if isinstance(block_ids, np.ndarray):  # one vectorised pass; the loop only to name the culprit
+            if not block_ids.size or (block_ids.min() >= 0 and block_ids.max() < self.num_blocks):
+                return
+            block_ids = block_ids.tolist()
         for i, b in enumerate(block_ids):
             if not 0 <= b < self.num_blocks:
                 raise InvalidArgument(f"block_ids[{i}] = {b} is out of range [0, {self.num_blocks})")

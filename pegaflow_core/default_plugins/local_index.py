@@ -21,6 +21,7 @@ import collections
 import heapq
 import itertools
 import math
+import operator
 import secrets
 import threading
 import time
@@ -37,6 +38,7 @@ from pegaflow_core.index import Index, IndexStats, Lease, Location, check_entrie
 from pegaflow_core.keys import BlockKey, check_keys
 
 _TierNode = tuple[str, str]
+_SNAPSHOT = operator.attrgetter("snapshot")
 
 
 class _Entry:
@@ -208,13 +210,15 @@ class LocalIndex(Index):
             raise InvalidArgument(f"acquire: owner must be a string ('' = no owner), got {owner!r}")
         with self._lock:
             self._check_open()
-            get = self._entries.get
-            hits: list[_Entry] = []
-            for key in keys:
-                entry = get(key)
-                if entry is None or not entry.locations:
-                    break
-                hits.append(entry)
+            # The prefix up to the first miss, found with C-level passes (this runs for every
+            # Query): a key never seen is None; an entry kept only for its pins has no locations.
+            hits: list[_Entry] = list(map(self._entries.get, keys))
+            if None in hits:
+                del hits[hits.index(None):]
+            snapshots = list(map(_SNAPSHOT, hits))
+            if not all(snapshots):
+                del hits[snapshots.index(()):]
+                del snapshots[len(hits):]
             for entry in hits:
                 if entry.pins == 0:
                     self._pinned += 1
@@ -225,7 +229,7 @@ class LocalIndex(Index):
             lease = Lease(
                 lease_id=f"{self._lease_prefix}-{seq}",
                 keys=tuple(keys[: len(hits)]),
-                locations=tuple(entry.snapshot for entry in hits),
+                locations=tuple(snapshots),
                 expires_at=expires_at,
                 owner=owner,
             )
