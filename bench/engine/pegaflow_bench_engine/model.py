@@ -60,6 +60,7 @@ class Decoder:
         self.final_norm = torch.ones(shape.hidden, device=device, dtype=self.dtype)
         self.lm_head = self._rand(shape.vocab, shape.hidden)
         rope = shape.head_dim if shape.attention == "gqa" else shape.rope_dim
+        self._rope_of: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.inv_freq = shape.rope_theta ** (-torch.arange(0, rope, 2, device=device, dtype=torch.float32) / rope)
 
     # -- weights -----------------------------------------------------------------------------------
@@ -102,15 +103,16 @@ class Decoder:
         h = h + attn
         x = _rms_norm(h, w.mlp_norm)
         gate, up = (x @ w.w_gate_up.T).chunk(2, dim=-1)
-        return h + (F.silu(gate) * up) @ w.w_down.T * self.tp_size
+        return h + self._all_reduce((F.silu(gate) * up) @ w.w_down.T)
 
     def _gqa(self, index: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
              block_table: torch.Tensor, slots: torch.Tensor, total: int) -> torch.Tensor:
         s, n = self.shape, x.shape[0]
         q, k, v = (x @ w.wq.T).split([s.q_heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
         cos, sin = self._rope(positions)
-        q = _rotate(q.view(n, s.q_heads, s.head_dim), cos, sin)
-        k = _rotate(k.view(n, s.kv_heads, s.head_dim), cos, sin)
+        # q and k rotated in one pass (one set of elementwise kernels instead of two).
+        qk = _rotate(torch.cat([q.view(n, s.q_heads, s.head_dim), k.view(n, s.kv_heads, s.head_dim)], dim=1), cos, sin)
+        q, k = qk[:, : s.q_heads], qk[:, s.q_heads :]
         cache.write(index, slots, k, v.view(n, s.kv_heads, s.head_dim))
         keys, values = cache.gather(index, block_table, total)
         # Grouped-query attention in the kernel (enable_gqa): no copy of K/V per query head.
@@ -134,11 +136,23 @@ class Decoder:
         # Pad V to the q/k head dim so flash attention takes it; the padding is sliced off.
         values = F.pad(kv[..., s.head_dim :], (0, s.head_dim + s.rope_dim - s.v_head_dim)).transpose(0, 1)
         out = _causal_attention(q.transpose(0, 1), keys, values)[..., : s.v_head_dim]
-        return out.transpose(0, 1).reshape(n, -1) @ w.wo.T * self.tp_size
+        return self._all_reduce(out.transpose(0, 1).reshape(n, -1) @ w.wo.T)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions``; every layer of a forward passes the same tensor, so they
+        are computed once per forward (the engine's per-layer work is kernel launches, not FLOPs,
+        when it computes a short suffix)."""
+        cached = self._rope_of
+        if cached is not None and cached[0] is positions:
+            return cached[1], cached[2]
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+        self._rope_of = (positions, cos, sin)
+        return cos, sin
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """Stands in for TP's all-reduce: ranks hold equal weights, so the sum is tp x a rank's part."""
+        return partial if self.tp_size == 1 else partial * self.tp_size
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
