@@ -125,7 +125,6 @@ def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
             engine.close()
 
 
-
 def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
     prefix = f"t{uuid.uuid4().hex[:8]}"
     with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
