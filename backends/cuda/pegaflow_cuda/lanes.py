@@ -18,6 +18,7 @@ soon as the last scatter of its group completes, while later groups are still mo
 from __future__ import annotations
 
 import ctypes
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from pegaflow_core import pinned
+from pegaflow_core.sizes import parse_size
 
 from . import driver
 from .driver import BatchCopier, Device, check
 from .kernels import THREADS, copy_function
 
-STAGING_BYTES = 32 << 20  # per buffer; a lane has two
+STAGING_BYTES = 32 << 20  # per buffer; a lane has two (PEGAFLOW_CUDA_STAGING overrides, e.g. "128mb")
 MIN_PIECE = 256 << 10
 
 
@@ -116,7 +118,8 @@ class Lane:
         self._host_table: np.ndarray | None = None
         self._host_pointer = 0
         self._max_grid = max(1, device.sm_count * 16)  # thread blocks walk segments by stride
-        self._want_staging = staging_bytes
+        override = os.environ.get("PEGAFLOW_CUDA_STAGING")
+        self._want_staging = parse_size(override) if override else staging_bytes
         self.fallback_segments = 0  # copied by the driver: pool memory not pinned (yet)
 
     # -- requests -------------------------------------------------------------------------------
