@@ -3,8 +3,10 @@ saved on node a is found and fetched by node b; corruption in flight and a dead 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,7 +29,10 @@ def redis(tmp_path_factory):
     server.stop()
 
 
-def node_config(redis, node: str, prefix: str, transport: str = "{kind: loopback}") -> str:
+LOOPBACK = "{kind: loopback}"
+
+
+def node_config(redis, node: str, prefix: str, transport: str = LOOPBACK) -> str:
     return f"""
 server: {{node: {node}}}
 index: {{kind: redis, url: '{redis.url}', node: {node}, key_prefix: {prefix}, heartbeat: 200ms, node_ttl: 1s}}
@@ -43,12 +48,20 @@ def prompt(seed: int, blocks: int = 12) -> list[int]:
     return [rng.randrange(32000) for _ in range(16 * blocks)]
 
 
-def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
+@contextlib.contextmanager
+def two_nodes(redis, model: str, transport_a: str = LOOPBACK, transport_b: str = LOOPBACK
+              ) -> Iterator[tuple[PegaflowClient, SimulatedEngine, PegaflowClient, SimulatedEngine]]:
+    """Daemons of nodes a and b sharing one cluster index, a client and an engine on each."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
+    with DaemonProcess(node_config(redis, "a", prefix, transport_a)) as a, \
+            DaemonProcess(node_config(redis, "b", prefix, transport_b)) as b, \
             PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
-        saver = SimulatedEngine(on_a, SMALL, model="cluster", instance_id="a0")
-        loader = SimulatedEngine(on_b, SMALL, model="cluster", instance_id="b0")
+        yield (on_a, SimulatedEngine(on_a, SMALL, model=model, instance_id="a0"),
+               on_b, SimulatedEngine(on_b, SMALL, model=model, instance_id="b0"))
+
+
+def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
+    with two_nodes(redis, "cluster") as (on_a, saver, on_b, loader):
         assert saver.prefill(prompt(1)).saved_blocks == 12
         got = loader.prefill(prompt(1), verify=True)  # raises if any fetched byte is wrong
         assert got.hit_blocks == 12 and got.failed_blocks == 0
@@ -60,13 +73,8 @@ def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
 
 
 def test_a_bit_flipped_in_flight_is_detected_and_recomputed(redis):
-    prefix = f"t{uuid.uuid4().hex[:8]}"
     flipping = "{kind: faulty, bit_flip_rate: 1.0, inner: {kind: loopback}}"
-    with DaemonProcess(node_config(redis, "a", prefix)) as a, \
-            DaemonProcess(node_config(redis, "b", prefix, transport=flipping)) as b, \
-            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
-        saver = SimulatedEngine(on_a, SMALL, model="flip", instance_id="a0")
-        loader = SimulatedEngine(on_b, SMALL, model="flip", instance_id="b0")
+    with two_nodes(redis, "flip", transport_b=flipping) as (on_a, saver, on_b, loader):
         saver.prefill(prompt(2))
         got = loader.prefill(prompt(2), verify=True)  # verify: no wrong byte was served
         # the wrapper flips one bit per transfer batch: that block fails its checksum and is
@@ -96,12 +104,7 @@ def test_a_dead_owner_means_misses_not_hangs(redis):
 
 def test_the_remote_tier_over_ucx(redis):
     pytest.importorskip("pegaflow_ucx")
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    with DaemonProcess(node_config(redis, "a", prefix, transport="{kind: ucx}")) as a, \
-            DaemonProcess(node_config(redis, "b", prefix, transport="{kind: ucx}")) as b, \
-            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
-        saver = SimulatedEngine(on_a, SMALL, model="ucx", instance_id="a0")
-        loader = SimulatedEngine(on_b, SMALL, model="ucx", instance_id="b0")
+    with two_nodes(redis, "ucx", "{kind: ucx}", "{kind: ucx}") as (on_a, saver, on_b, loader):
         saver.prefill(prompt(4))
         got = loader.prefill(prompt(4), verify=True)
         assert got.hit_blocks == 12 and got.failed_blocks == 0
@@ -126,11 +129,7 @@ def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
 
 
 def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
-    prefix = f"t{uuid.uuid4().hex[:8]}"
-    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
-            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
-        saver = SimulatedEngine(on_a, SMALL, model="probe", instance_id="a0")
-        prober = SimulatedEngine(on_b, SMALL, model="probe", instance_id="b0")
+    with two_nodes(redis, "probe") as (on_a, saver, on_b, prober):
         saver.prefill(prompt(6))
         hashes = block_hashes(prompt(6), SMALL.block_size)
         moved, seconds = on_b.probe_remote(prober.handle, "a", hashes)
