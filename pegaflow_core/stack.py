@@ -143,13 +143,7 @@ class TierStack:
                 return SaveOutcome(0, already, 0)
             name, top = self.top
             todo_keys = [keys[i] for i in todo]
-            views = top.reserve(todo_keys, nbytes)
-            missing = [j for j, v in enumerate(views) if v is None]
-            if missing:
-                self.make_room(0, len(missing))
-                retry = top.reserve([todo_keys[j] for j in missing], nbytes)
-                for j, view in zip(missing, retry):
-                    views[j] = view
+            views = self._reserve_top(todo_keys, nbytes)
             got = [j for j, v in enumerate(views) if v is not None]
             got_keys = [todo_keys[j] for j in got]
             try:
@@ -158,8 +152,8 @@ class TierStack:
             except BaseException:
                 top.abort(got_keys)  # commit is all-or-nothing, so nothing of the batch is visible
                 raise
-            here = Location(name, self.node, nbytes)  # one object for the batch: validated once
-            self.index.insert([(k, here) for k in got_keys])
+            location = Location(name, self.node, nbytes)  # one object for the batch: validated once
+            self.index.insert([(k, location) for k in got_keys])
         finally:
             with self._lock:
                 self._in_flight.difference_update(keys[i] for i in todo)
@@ -172,6 +166,18 @@ class TierStack:
         if dropped:
             self.metrics.dropped.inc(dropped)
         return SaveOutcome(len(got), already, dropped)
+
+    def _reserve_top(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
+        """Slots in the top tier for ``keys``, evicting for those that found none the first time;
+        ``None`` where there is still no room."""
+        top = self.top[1]
+        slots = top.reserve(keys, nbytes)
+        missing = [i for i, s in enumerate(slots) if s is None]
+        if missing:
+            self.make_room(0, len(missing))
+            for i, slot in zip(missing, top.reserve([keys[i] for i in missing], nbytes)):
+                slots[i] = slot
+        return slots
 
     def make_room(self, level: int, count: int) -> int:
         """Evict up to ``count`` LRU unpinned blocks from tier ``level``, spilling them to the
@@ -396,13 +402,9 @@ class TierStack:
         keys = [k for k, here in zip(keys, top.contains(keys)) if not here]  # arrived since they were missed
         if not keys:
             return
-        slots = top.reserve(keys, nbytes)
-        if any(s is None for s in slots):
-            self.make_room(0, sum(s is None for s in slots))
-            missing = [i for i, s in enumerate(slots) if s is None]
-            for i, slot in zip(missing, top.reserve([keys[i] for i in missing], nbytes)):
-                slots[i] = slot
+        slots = self._reserve_top(keys, nbytes)
         pending = [i for i, s in enumerate(slots) if s is not None]
+        location = Location(name, self.node, nbytes)  # one object for the batch: validated once
         for lower_name, lower in self.tiers[1:]:
             if not pending:
                 break
@@ -410,7 +412,7 @@ class TierStack:
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done])
-                self.index.insert([(keys[i], Location(name, self.node, nbytes)) for i in done])
+                self.index.insert([(keys[i], location) for i in done])
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:
@@ -425,12 +427,8 @@ class TierStack:
             raise InvalidArgument("probe: this daemon has no tier that fetches from other nodes (add `- {kind: remote}`)")
         _, top = self.top
         scratch = [BlockKey(k.namespace, hashlib.sha256(b"pegaflow-probe" + k.block_hash).digest(), k.shard) for k in keys]
-        slots = top.reserve(scratch, nbytes)
         try:
-            if any(s is None for s in slots):
-                top.abort(scratch)
-                self.make_room(0, len(scratch))
-                slots = top.reserve(scratch, nbytes)
+            slots = self._reserve_top(scratch, nbytes)
             if any(s is None for s in slots):
                 raise PegaflowError(f"probe: the top tier has no room for {len(keys)} scratch blocks")
             return probes[0].probe(node, keys, slots)
