@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pegaflow_core import pinned
+from pegaflow_core.errors import InvalidArgument
 from pegaflow_core.sizes import parse_size
 
 from . import driver
@@ -61,10 +62,7 @@ class _Runs:
     length: np.ndarray
     stage: np.ndarray
     rel: np.ndarray
-
-    @property
-    def piece(self) -> int:
-        return int(self.length.sum())
+    piece: int  # bytes of one block's piece in staging: the runs' total
 
     @classmethod
     def of(cls, planes: np.ndarray, offset: np.ndarray, length: np.ndarray) -> _Runs:
@@ -80,7 +78,7 @@ class _Runs:
         run_stage = np.concatenate((np.zeros(1, dtype=np.uint64), np.cumsum(run_length)[:-1]))
         rel = np.empty(len(order), dtype=np.uint64)
         rel[order] = run_stage[run] + starts - run_offset[run]
-        return cls(planes, run_offset, run_length, run_stage, rel)
+        return cls(planes, run_offset, run_length, run_stage, rel, int(run_length.sum()))
 
 
 @dataclass
@@ -89,6 +87,11 @@ class _Tile:
     runs: _Runs
     table: int  # where its kernel segments start in the uploaded table (words)
     layers_done: int  # a load's layer count complete once this tile is in (0: not a group's last)
+
+    def pieces(self, staging: int) -> np.ndarray:
+        """Where each of the tile's blocks starts in ``staging`` (a column: one row per block)."""
+        count = self.rows.stop - self.rows.start
+        return staging + np.arange(count, dtype=np.uint64)[:, None] * np.uint64(self.runs.piece)
 
 
 class Lane:
@@ -118,8 +121,7 @@ class Lane:
         self._host_table: np.ndarray | None = None
         self._host_pointer = 0
         self._max_grid = max(1, device.sm_count * 16)  # thread blocks walk segments by stride
-        override = os.environ.get("PEGAFLOW_CUDA_STAGING")
-        self._want_staging = parse_size(override) if override else staging_bytes
+        self._want_staging = staging_from_env(staging_bytes)
         self.fallback_segments = 0  # copied by the driver: pool memory not pinned (yet)
 
     # -- requests -------------------------------------------------------------------------------
@@ -195,8 +197,7 @@ class Lane:
     def _copy(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
         """The tile's DMA: one copy per run of each block, between staging and the pool."""
         runs, rows = tile.runs, tile.rows
-        count = rows.stop - rows.start
-        stage = staging + np.arange(count, dtype=np.uint64)[:, None] * np.uint64(runs.piece) + runs.stage[None, :]
+        stage = tile.pieces(staging) + runs.stage[None, :]
         host = blocks.stored[rows][:, None] + runs.offset[None, :]
         size = np.ascontiguousarray(np.broadcast_to(runs.length[None, :], stage.shape))
         dst, src = (host, stage) if self.direction == "save" else (stage, host)
@@ -209,7 +210,7 @@ class Lane:
         runs, rows = tile.runs, tile.rows
         count = rows.stop - rows.start
         n = count * runs.planes.size
-        stage = staging + np.arange(count, dtype=np.uint64)[:, None] * np.uint64(runs.piece) + runs.rel[None, :]
+        stage = tile.pieces(staging) + runs.rel[None, :]
         engine = blocks.engine[rows][:, runs.planes]
         dst, src = (stage, engine) if self.direction == "save" else (engine, stage)
         table = self._host_table[tile.table : tile.table + 3 * n]
@@ -293,6 +294,20 @@ class Lane:
             self._marks = []
             cu.cuStreamDestroy(self._dma_stream)
             cu.cuStreamDestroy(self._kernel_stream)
+
+
+def staging_from_env(default: int) -> int:
+    """The staging buffer size: ``PEGAFLOW_CUDA_STAGING`` (a size such as "64mb") or ``default``."""
+    value = os.environ.get("PEGAFLOW_CUDA_STAGING")
+    if not value:
+        return default
+    try:
+        size = parse_size(value)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"PEGAFLOW_CUDA_STAGING: {exc}") from None
+    if size <= 0:
+        raise InvalidArgument(f"PEGAFLOW_CUDA_STAGING: expected a size > 0, got {value!r}")
+    return size
 
 
 class _Progress:

@@ -62,3 +62,42 @@ def test_pinned_ranges_cover_only_whole_segments():
     finally:
         pinned.remove(base)
     assert not pinned.covered(np.array([base], dtype=np.uint64), np.array([1], dtype=np.uint64)).any()
+
+
+def test_runs_merge_adjacent_planes_and_pack_them_in_staging():
+    """A load group's planes as contiguous runs of the stored block (one DMA piece each) and each
+    plane's place in the packed staging piece: SGLang's K-then-V order gives two runs per layer
+    group, vLLM's layer-major order one."""
+    from pegaflow_cuda.lanes import _Runs
+
+    length = np.full(8, 100, dtype=np.uint64)  # 4 layers x (K, V), stored K0..K3 then V0..V3
+    offset = np.arange(8, dtype=np.uint64) * np.uint64(100)
+    runs = _Runs.of(np.array([0, 4, 1, 5]), offset, length)  # layers 0 and 1: K0, V0, K1, V1
+    assert runs.offset.tolist() == [0, 400] and runs.length.tolist() == [200, 200]
+    assert runs.stage.tolist() == [0, 200] and runs.piece == 400
+    assert runs.rel.tolist() == [0, 200, 100, 300]  # K0, V0, K1, V1 inside the staging piece
+    whole = _Runs.of(np.arange(8), offset, length)
+    assert whole.offset.tolist() == [0] and whole.length.tolist() == [800] and whole.rel.tolist() == offset.tolist()
+
+
+def test_layer_groups_reach_the_minimum_dma_piece():
+    from pegaflow_cuda.lanes import MIN_PIECE, _layer_groups
+
+    per_layer = [[2 * l, 2 * l + 1] for l in range(10)]
+    length = np.full(20, MIN_PIECE // 8, dtype=np.uint64)  # a layer is a quarter of the minimum
+    groups = _layer_groups(per_layer, length)
+    assert [layers for _, layers in groups] == [4, 4, 2]  # the last group takes what is left
+    assert groups[1][0].tolist() == list(range(8, 16))
+
+
+def test_a_bad_staging_size_names_the_variable(monkeypatch):
+    from pegaflow_cuda.lanes import staging_from_env
+
+    monkeypatch.delenv("PEGAFLOW_CUDA_STAGING", raising=False)
+    assert staging_from_env(32 << 20) == 32 << 20
+    monkeypatch.setenv("PEGAFLOW_CUDA_STAGING", "64mb")
+    assert staging_from_env(32 << 20) == 64 << 20
+    for bad in ("lots", "0"):
+        monkeypatch.setenv("PEGAFLOW_CUDA_STAGING", bad)
+        with pytest.raises(InvalidArgument, match="PEGAFLOW_CUDA_STAGING"):
+            staging_from_env(32 << 20)
