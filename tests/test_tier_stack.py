@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from daemon_helpers import SMALL
 from pegaflow_core.client import PegaflowClient
@@ -23,6 +26,18 @@ tiers:
   - {kind: dram, capacity: 1mb, chunk: 256kb}
   - {kind: dram, name: lower, capacity: 16mb, chunk: 1mb}
 """
+
+
+@pytest.fixture
+def stack() -> Iterator[TierStack]:
+    """The two tiers of TWO_TIERS in-process (no daemon): a TierStack with its own Metrics."""
+    config = parse_config(TWO_TIERS, "test")
+    tiers = [(c.name, c.build()) for c in config.tiers]
+    try:
+        yield TierStack(tiers, config.index.build(), Metrics())
+    finally:
+        for _, tier in tiers:
+            tier.close()
 
 
 def prompt(seed: int, blocks: int = 30) -> list[int]:
@@ -61,64 +76,50 @@ def test_a_load_before_promotion_finishes_promotes_synchronously():
         engine.close()
 
 
-def test_polling_a_loading_query_promotes_each_block_once():
+def test_polling_a_loading_query_promotes_each_block_once(stack):
     """An engine asks again and again while the answer is "loading": only the first answer may
     queue the promotion. Queued duplicates re-read every block from the lower tier (on an SSD,
     seconds per 10K-token prompt) and hold the daemon's worker threads."""
-    config = parse_config(TWO_TIERS, "test")
-    tiers = [(c.name, c.build()) for c in config.tiers]
-    metrics = Metrics()
-    stack = TierStack(tiers, config.index.build(), metrics)
-    try:
-        nbytes = 16 << 10
-        keys = [BlockKey("ns", bytes([i]) * 32, 0) for i in range(8)]
-        lower = tiers[1][1]
-        assert all(lower.put(keys, [bytes([i]) * nbytes for i in range(8)]))
-        stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
-        lease = stack.acquire(keys, 30.0, owner="t")
-        queued: list[tuple] = []
-        polls = [stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) for _ in range(5)]
-        assert polls == [True] * 5 and len(queued) == 1  # still loading; one promotion queued
-        fn, *args = queued[0]
-        fn(*args)
-        assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) is False
-        assert len(queued) == 1
-        assert [bytes(v[:1]) for v in stack.read_views(keys, nbytes)] == [bytes([i]) for i in range(8)]
-        promoted = metrics.bytes.labels("lower", "promote")._value.get()
-        assert promoted == 8 * nbytes
-    finally:
-        for _, tier in tiers:
-            tier.close()
+    tiers, metrics = stack.tiers, stack.metrics
+    nbytes = 16 << 10
+    keys = [BlockKey("ns", bytes([i]) * 32, 0) for i in range(8)]
+    lower = tiers[1][1]
+    assert all(lower.put(keys, [bytes([i]) * nbytes for i in range(8)]))
+    stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
+    lease = stack.acquire(keys, 30.0, owner="t")
+    queued: list[tuple] = []
+    polls = [stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) for _ in range(5)]
+    assert polls == [True] * 5 and len(queued) == 1  # still loading; one promotion queued
+    fn, *args = queued[0]
+    fn(*args)
+    assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call)) is False
+    assert len(queued) == 1
+    assert [bytes(v[:1]) for v in stack.read_views(keys, nbytes)] == [bytes([i]) for i in range(8)]
+    promoted = metrics.bytes.labels("lower", "promote")._value.get()
+    assert promoted == 8 * nbytes
 
 
-def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down():
+def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down(stack):
     """Clean first: within a window of the LRU order, blocks with a copy in the tier below (e.g.
     promoted back from the SSD) are evicted without a write before blocks that would have to be
     spilled; each promotion from an SSD then costs one read instead of a write and a read."""
-    config = parse_config(TWO_TIERS, "test")
-    tiers = [(c.name, c.build()) for c in config.tiers]
-    metrics = Metrics()
-    stack = TierStack(tiers, config.index.build(), metrics)
-    try:
-        nbytes = 16 << 10
+    tiers, metrics = stack.tiers, stack.metrics
+    nbytes = 16 << 10
 
-        def fill(positions, views):
-            for p, view in zip(positions, views):
-                view[:] = bytes([p]) * nbytes
+    def fill(positions, views):
+        for p, view in zip(positions, views):
+            view[:] = bytes([p]) * nbytes
 
-        dirty = [BlockKey("ns", b"d" * 31 + bytes([i]), 0) for i in range(2)]
-        clean = [BlockKey("ns", b"c" * 31 + bytes([i]), 0) for i in range(2)]
-        stack.save(dirty, nbytes, fill)  # older: only in the top tier
-        stack.save(clean, nbytes, fill)  # newer, and also held below
-        lower = tiers[1][1]
-        assert all(lower.put(clean, [bytes(nbytes)] * 2))
-        stack.index.insert([(k, Location("lower", "", nbytes)) for k in clean])
-        assert stack.make_room(0, 2) == 2
-        assert tiers[0][1].contains(dirty + clean) == [True, True, False, False]
-        assert lower.contains(dirty) == [False, False]  # nothing was written down
-        assert metrics.bytes.labels("lower", "spill")._value.get() == 0
-        assert stack.make_room(0, 2) == 2  # no clean block left in the window: the LRU ones spill
-        assert lower.contains(dirty) == [True, True]
-    finally:
-        for _, tier in tiers:
-            tier.close()
+    dirty = [BlockKey("ns", b"d" * 31 + bytes([i]), 0) for i in range(2)]
+    clean = [BlockKey("ns", b"c" * 31 + bytes([i]), 0) for i in range(2)]
+    stack.save(dirty, nbytes, fill)  # older: only in the top tier
+    stack.save(clean, nbytes, fill)  # newer, and also held below
+    lower = tiers[1][1]
+    assert all(lower.put(clean, [bytes(nbytes)] * 2))
+    stack.index.insert([(k, Location("lower", "", nbytes)) for k in clean])
+    assert stack.make_room(0, 2) == 2
+    assert tiers[0][1].contains(dirty + clean) == [True, True, False, False]
+    assert lower.contains(dirty) == [False, False]  # nothing was written down
+    assert metrics.bytes.labels("lower", "spill")._value.get() == 0
+    assert stack.make_room(0, 2) == 2  # no clean block left in the window: the LRU ones spill
+    assert lower.contains(dirty) == [True, True]
