@@ -21,20 +21,26 @@ pytestmark = pytest.mark.skipif(
 
 A_IP, B_IP = "10.213.0.1", "10.213.0.2"  # only inside the namespaces this test creates
 
-NODE_A = textwrap.dedent(
+# The start of each node's script: its daemon's config (redis runs on node a, both nodes use it).
+NODE_HEAD = textwrap.dedent(
     """
-    import sys, random, time, dataclasses
+    import sys, random, time
     sys.path.insert(0, {tests!r})
     from daemon_helpers import SMALL
     from pegaflow_core.client import PegaflowClient
     from pegaflow_core.launcher import DaemonProcess
     from pegaflow_core.sim_engine import SimulatedEngine
     config = '''
-    server: {{listen: '{a}:{port}', node: a}}
-    index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: a, key_prefix: {prefix}}}
-    transport: {{kind: loopback, host: {a}}}
-    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {{kind: remote}}]
+    server: {{listen: '{host}:{port}', node: {node}}}
+    index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: {node}, key_prefix: {prefix}}}
+    transport: {{kind: loopback, host: {host}}}
+    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {remote}]
     '''
+    """
+)
+
+NODE_A = NODE_HEAD + textwrap.dedent(
+    """
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint) as client:
         engine = SimulatedEngine(client, SMALL, model="netns", instance_id="a0")
         rng = random.Random(7)
@@ -44,20 +50,8 @@ NODE_A = textwrap.dedent(
     """
 )
 
-NODE_B = textwrap.dedent(
+NODE_B = NODE_HEAD + textwrap.dedent(
     """
-    import sys, random
-    sys.path.insert(0, {tests!r})
-    from daemon_helpers import SMALL
-    from pegaflow_core.client import PegaflowClient
-    from pegaflow_core.launcher import DaemonProcess
-    from pegaflow_core.sim_engine import SimulatedEngine
-    config = '''
-    server: {{listen: '{b}:{port}', node: b}}
-    index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: b, key_prefix: {prefix}}}
-    transport: {{kind: loopback, host: {b}}}
-    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {{kind: remote}}]
-    '''
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint) as client:
         engine = SimulatedEngine(client, SMALL, model="netns", instance_id="b0")
         rng = random.Random(7)
@@ -67,6 +61,20 @@ NODE_B = textwrap.dedent(
         engine.close()
     """
 )
+
+
+def node_script(template: str, node: str, port: int, redis_port: int, prefix: str, remote: str = "{kind: remote}") -> str:
+    """A node's script: ``template`` filled in for node ``node`` ("a" or "b") of this test's hosts."""
+    return template.format(tests=os.path.dirname(__file__), node=node, host=A_IP if node == "a" else B_IP, a=A_IP,
+                           port=port, redis_port=redis_port, prefix=prefix, remote=remote)
+
+
+def redis_in(ns: str, port: int, tmp_path) -> subprocess.Popen:
+    """The cluster's redis-server, inside namespace ``ns`` on node a's address."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", ns, "redis-server", "--port", str(port), "--bind", A_IP, "--save", "",
+         "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
+    )
 
 
 def sh(*args: str) -> None:
@@ -96,23 +104,19 @@ def hosts():
 def test_node_b_fetches_what_node_a_saved_across_the_veth(hosts, tmp_path):
     ns_a, ns_b = hosts
     prefix = f"ns{uuid.uuid4().hex[:8]}"
-    tests = os.path.dirname(__file__)
-    redis = subprocess.Popen(
-        ["ip", "netns", "exec", ns_a, "redis-server", "--port", "6390", "--bind", A_IP, "--save", "",
-         "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
-    )
+    redis = redis_in(ns_a, 6390, tmp_path)
     node_a = None
     try:
         env = dict(os.environ)
         node_a = subprocess.Popen(
             ["ip", "netns", "exec", ns_a, sys.executable, "-c",
-             NODE_A.format(tests=tests, a=A_IP, port=50071, redis_port=6390, prefix=prefix)],
+             node_script(NODE_A, "a", 50071, 6390, prefix)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )
         assert node_a.stdout.readline().split() == ["SAVED", "10"]
         out = subprocess.run(
             ["ip", "netns", "exec", ns_b, sys.executable, "-c",
-             NODE_B.format(tests=tests, a=A_IP, b=B_IP, port=50072, redis_port=6390, prefix=prefix)],
+             node_script(NODE_B, "b", 50072, 6390, prefix)],
             capture_output=True, text=True, timeout=120, env=env,
         )
         assert out.returncode == 0, out.stderr[-3000:]
@@ -131,20 +135,8 @@ KILL_A = NODE_A.replace('print("SAVED", engine.prefill([rng.randrange(32000) for
                         'print("SAVED", engine.prefill([rng.randrange(32000) for _ in range(16 * 40)]).saved_blocks, '
                         'daemon.proc.pid, flush=True)')
 
-KILL_B = textwrap.dedent(
+KILL_B = NODE_HEAD + textwrap.dedent(
     """
-    import sys, random, time
-    sys.path.insert(0, {tests!r})
-    from daemon_helpers import SMALL
-    from pegaflow_core.client import PegaflowClient
-    from pegaflow_core.launcher import DaemonProcess
-    from pegaflow_core.sim_engine import SimulatedEngine
-    config = '''
-    server: {{listen: '{b}:{port}', node: b}}
-    index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: b, key_prefix: {prefix}}}
-    transport: {{kind: loopback, host: {b}}}
-    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {{kind: remote, timeout: 30s}}]
-    '''
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
         engine = SimulatedEngine(client, SMALL, model="netns", instance_id="b0")
         rng = random.Random(7)  # the same prompt node a saved
@@ -169,16 +161,12 @@ def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_
     and hold the prefix itself afterwards."""
     ns_a, ns_b = hosts
     prefix = f"ns{uuid.uuid4().hex[:8]}"
-    tests = os.path.dirname(__file__)
-    redis = subprocess.Popen(
-        ["ip", "netns", "exec", ns_a, "redis-server", "--port", "6391", "--bind", A_IP, "--save", "",
-         "--appendonly", "no", "--protected-mode", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL,
-    )
+    redis = redis_in(ns_a, 6391, tmp_path)
     node_a = node_b = None
     try:
         node_a = subprocess.Popen(
             ["ip", "netns", "exec", ns_a, sys.executable, "-c",
-             KILL_A.format(tests=tests, a=A_IP, port=50073, redis_port=6391, prefix=prefix)],
+             node_script(KILL_A, "a", 50073, 6391, prefix)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         kind, saved, daemon_pid = node_a.stdout.readline().split()
@@ -187,7 +175,7 @@ def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_
            "burst", "16kb", "latency", "10s")
         node_b = subprocess.Popen(
             ["ip", "netns", "exec", ns_b, sys.executable, "-c",
-             KILL_B.format(tests=tests, a=A_IP, b=B_IP, port=50074, redis_port=6391, prefix=prefix)],
+             node_script(KILL_B, "b", 50074, 6391, prefix, remote="{kind: remote, timeout: 30s}")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert node_b.stdout.readline().strip() == "READY"
