@@ -8,7 +8,7 @@ daemon staging buffer is the one-segment case.
 
 The daemon decides per request, per hit, with :func:`load_route`:
 
-* the block sits in a host-memory tier (the DRAM pool)  -> ``POOL``: pool -> GPU copy kernel;
+* the block sits in a host-memory tier (the DRAM pool)  -> ``POOL``: pool -> GPU by the memory kind's copy;
 * the block sits in a device-I/O tier that says direct loads pay off here (``Tier.direct_loads``,
   set from its ``direct: auto|always|never`` option) and the engine memory is GPU memory
   (``EngineMemory.device_memory``) -> ``DIRECT``: ``holder.read_into_device`` straight into the

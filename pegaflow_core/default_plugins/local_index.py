@@ -94,11 +94,11 @@ class LocalIndex(Index):
         items = check_entries(entries)
         with self._lock:
             self._check_open()
-            entries, recency = self._entries, self._recency
+            by_key, recency = self._entries, self._recency
             for key, location in items:
-                entry = entries.get(key)
+                entry = by_key.get(key)
                 if entry is None:
-                    entry = entries[key] = _Entry(key)
+                    entry = by_key[key] = _Entry(key)
                 fresh = not entry.locations
                 if fresh:
                     self._blocks += 1
