@@ -48,6 +48,17 @@ class Prefill:
     logits: torch.Tensor | None = field(default=None, repr=False)  # [computed_tokens, vocab], when asked for
 
 
+@dataclass
+class _LoadTimes:
+    """Where one prefill's load went (seconds): the Load call, the compute waiting for layers, and
+    the moment the last layer was in (from the request's arrival at ``started``; 0: no load)."""
+
+    started: float
+    issue_s: float = 0.0
+    wait_s: float = 0.0
+    end_s: float = 0.0
+
+
 class Engine:
     def __init__(self, shape: ModelShape, backend: KVBackend, device: torch.device, kv_blocks: int,
                  instance_id: str = "engine-0", seed: int = 0, tied: bool = False, tp_rank: int = 0,
@@ -59,7 +70,6 @@ class Engine:
         self.decoder = Decoder(shape, device, seed=seed, tied=tied, tp_size=tp_size)
         self.cache = PagedKVCache(shape, kv_blocks, device, seed=seed + tp_rank + 1)
         self.instance_id, self.seed, self.tp_rank, self.tp_size = instance_id, seed, tp_rank, tp_size
-        self._load_wait_s = self._load_issue_s = self._load_end_s = self._started = 0.0
         self._register(backend)
 
     def _register(self, backend: KVBackend) -> None:
@@ -79,15 +89,14 @@ class Engine:
         B = self.shape.block_size
         hashes = block_hashes(tokens, B)
         hashed = time.perf_counter()
-        self._load_wait_s = self._load_issue_s = self._load_end_s = 0.0
-        self._started = started
+        times = _LoadTimes(started)
         block_ids = self.cache.allocate(-(-len(tokens) // B))
         try:
             hit = self.backend.lookup(hashes[: (len(tokens) - 1) // B])
             queried = time.perf_counter()
-            result, failed = self._forward(tokens, block_ids, hit, keep_logits)
+            result, failed = self._forward(tokens, block_ids, hit, keep_logits, times)
             if failed:  # some loaded block was bad: recompute the whole prompt, as vLLM would
-                result, _ = self._forward(tokens, block_ids, Hit(0), keep_logits)
+                result, _ = self._forward(tokens, block_ids, Hit(0), keep_logits, times)
                 hit = Hit(0)
             next_token = int(result[-1].argmax())  # forces the host to wait for the GPU
             ttft = time.perf_counter() - started
@@ -99,12 +108,12 @@ class Engine:
             self.cache.free(block_ids)
         hit_tokens = hit.blocks * B
         return Prefill(len(tokens), hit_tokens, len(tokens) - hit_tokens, ttft, hashed - started, queried - started,
-                       self._load_wait_s, self._load_issue_s, self._load_end_s, hit.wait_s, save_s,
+                       times.wait_s, times.issue_s, times.end_s, hit.wait_s, save_s,
                        saved, len(failed), next_token, result if keep_logits else None)
 
     @torch.inference_mode()
-    def _forward(self, tokens: Sequence[int], block_ids: list[int], hit: Hit,
-                 keep_logits: bool) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def _forward(self, tokens: Sequence[int], block_ids: list[int], hit: Hit, keep_logits: bool,
+                 times: _LoadTimes) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Logits of the computed tokens (all of them, or the last) and the blocks that failed to load."""
         B, dev = self.shape.block_size, self.device
         load = None
@@ -112,9 +121,9 @@ class Engine:
             issued = time.perf_counter()
             try:
                 load = self.backend.load(hit, block_ids[: hit.blocks])
-                self._load_issue_s = time.perf_counter() - issued
+                times.issue_s = time.perf_counter() - issued
             except PegaflowError:
-                return self._forward(tokens, block_ids, Hit(0), keep_logits)[0], tuple(block_ids[: hit.blocks])
+                return self._forward(tokens, block_ids, Hit(0), keep_logits, times)[0], tuple(block_ids[: hit.blocks])
         start = hit.blocks * B
         ids = torch.tensor(tokens[start:], device=dev)
         positions = torch.arange(start, len(tokens), device=dev)
@@ -130,13 +139,14 @@ class Engine:
                 except PegaflowError:
                     failed = tuple(block_ids[: hit.blocks])
                     load = None
-                self._load_wait_s += time.perf_counter() - waiting
+                times.wait_s += time.perf_counter() - waiting
             h = self.decoder.layer(layer, h, positions, self.cache, table, slots, len(tokens))
         if load is not None:
             waiting = time.perf_counter()
             failed = load.finish()
-            self._load_end_s = time.perf_counter() - self._started
-            self._load_wait_s += self._load_end_s + self._started - waiting
+            loaded = time.perf_counter()
+            times.wait_s += loaded - waiting
+            times.end_s = loaded - times.started
         return self.decoder.logits(h if keep_logits else h[-1:]), failed
 
     def close(self) -> None:
