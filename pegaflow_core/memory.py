@@ -22,6 +22,9 @@ from .backend import Backend
 from .contexts import EngineRegion
 from .layout import KVLayout
 
+#: ``landed(indices)``: the stored blocks at these indices of a gather's ``dests`` are whole.
+Landed = Callable[[Sequence[int]], None]
+
 
 @dataclass(frozen=True)
 class RegionRequest:
@@ -57,8 +60,11 @@ class EngineMemory(Backend):
         raise NotImplementedError
 
     def gather(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
-               dests: Sequence[memoryview]) -> None:
-        """Copy engine block ``block_ids[i]`` (all planes) into ``dests[i]``; return when done."""
+               dests: Sequence[memoryview], landed: Landed | None = None) -> None:
+        """Copy engine block ``block_ids[i]`` (all planes) into ``dests[i]``; return when done.
+        A kind that copies in pieces may call ``landed(indices)`` as soon as those ``dests`` are
+        whole, so the daemon publishes them while the rest are still moving; blocks never reported
+        are published when gather returns."""
         raise NotImplementedError
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],

@@ -13,21 +13,23 @@ import hashlib
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .buffers import pick
 from .device_io import DeviceSegments, LoadRoute, load_route
 from .errors import InvalidArgument, PegaflowError
 from .index import Index, Lease, Location
 from .keys import BlockKey
+from .memory import Landed
 from .metrics import Metrics
 from .tier import Tier
 
 log = logging.getLogger("pegaflow.stack")
 
-Fill = Callable[[list[int], list[memoryview]], None]
+#: ``fill(positions, views, landed)``: write the blocks, calling ``landed(indices)`` for those done early.
+Fill = Callable[[list[int], list[memoryview], Landed], None]
 CLEAN_WINDOW = 2  # make_room looks this many times further down the LRU order for blocks it can drop without a write
 PROMOTION_WAIT_S = 30.0  # a load waiting on another thread's promotion of the same block
 
@@ -125,8 +127,9 @@ class TierStack:
         return out
 
     def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill, present: list[bool] | None = None) -> SaveOutcome:
-        """Store the blocks that are not stored yet. ``fill(positions, views)`` must write the
-        block for ``keys[positions[i]]`` into ``views[i]``; nothing is visible before it returns.
+        """Store the blocks that are not stored yet. ``fill(positions, views, landed)`` must write
+        the block for ``keys[positions[i]]`` into ``views[i]``; a block is visible once ``fill``
+        reports it through ``landed([i, ...])`` or returns, never before.
         ``present`` is ``stored_here(keys)`` when the caller has it already."""
         if present is None:
             present = self.stored_here(keys)
@@ -146,14 +149,27 @@ class TierStack:
             views = self._reserve_top(todo_keys, nbytes)
             got = [j for j, v in enumerate(views) if v is not None]
             got_keys = [todo_keys[j] for j in got]
-            try:
-                fill([todo[j] for j in got], [views[j] for j in got])
-                top.commit(got_keys)
-            except BaseException:
-                top.abort(got_keys)  # commit is all-or-nothing, so nothing of the batch is visible
-                raise
             location = Location(name, self.node, nbytes)  # one object for the batch: validated once
-            self.index.insert([(k, location) for k in got_keys])
+            published = [False] * len(got_keys)
+
+            def publish(indices: Sequence[int]) -> None:
+                """Whole blocks become visible: those ``fill`` reports landed while the rest are
+                still being copied (their bookkeeping is then off the request's critical path),
+                and the others once it returns."""
+                fresh = [got_keys[i] for i in indices if not published[i]]
+                if fresh:
+                    top.commit(fresh)
+                    self.index.insert([(k, location) for k in fresh])
+                for i in indices:
+                    published[i] = True
+
+            try:
+                fill([todo[j] for j in got], pick(views, got), publish)
+                publish(range(len(got_keys)))
+            except BaseException:
+                # Blocks published already are whole; the rest of the batch never becomes visible.
+                top.abort([k for k, done in zip(got_keys, published) if not done])
+                raise
         finally:
             with self._lock:
                 self._in_flight.difference_update(keys[i] for i in todo)

@@ -106,7 +106,7 @@ def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down(s
     tiers, metrics = stack.tiers, stack.metrics
     nbytes = 16 << 10
 
-    def fill(positions, views):
+    def fill(positions, views, landed):
         for p, view in zip(positions, views):
             view[:] = bytes([p]) * nbytes
 
@@ -123,3 +123,33 @@ def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down(s
     assert metrics.bytes.labels("lower", "spill")._value.get() == 0
     assert stack.make_room(0, 2) == 2  # no clean block left in the window: the LRU ones spill
     assert lower.contains(dirty) == [True, True]
+
+
+def test_blocks_a_fill_reports_landed_are_visible_even_if_the_rest_of_it_fails(stack):
+    """A copy path reports blocks as they land (the GPU lanes do, tile by tile), and the stack
+    publishes them at once. If the copy fails later, what was published is whole and stays; the
+    rest never appears, and its slots are free to save again."""
+    nbytes = 16 << 10
+    keys = [BlockKey("ns", b"p" * 31 + bytes([i]), 0) for i in range(4)]
+    seen: list[list[bool]] = []
+
+    def fill(positions, views, landed):
+        for view in views[:2]:
+            view[:] = b"\x07" * nbytes
+        landed([0, 1])
+        seen.append(stack.stored_here(keys))  # visible while the copy is still going
+        raise RuntimeError("copy failed after two blocks")
+
+    with pytest.raises(RuntimeError, match="after two blocks"):
+        stack.save(keys, nbytes, fill)
+    assert seen == [[True, True, False, False]]
+    assert stack.stored_here(keys) == [True, True, False, False]
+    assert [bytes(v[:1]) if v is not None else None for v in stack.tiers[0][1].view(keys)] == [b"\x07", b"\x07", None, None]
+
+    def whole(positions, views, landed):
+        for view in views:
+            view[:] = b"\x09" * nbytes
+
+    outcome = stack.save(keys, nbytes, whole)
+    assert (outcome.stored, outcome.already_present) == (2, 2)
+    assert stack.stored_here(keys) == [True] * 4

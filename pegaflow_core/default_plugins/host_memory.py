@@ -15,7 +15,7 @@ from pegaflow_core.copier import HostCopier
 from pegaflow_core.errors import InvalidArgument
 from pegaflow_core.hookspecs import Register, hookimpl
 from pegaflow_core.layout import KVLayout
-from pegaflow_core.memory import EngineMemory, RegionRequest
+from pegaflow_core.memory import EngineMemory, Landed, RegionRequest
 from pegaflow_core.shm import SharedRegion
 
 
@@ -24,7 +24,7 @@ class _HostMemory(EngineMemory):
         self.copier = HostCopier()
 
     def gather(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
-               dests: Sequence[memoryview]) -> None:
+               dests: Sequence[memoryview], landed: Landed | None = None) -> None:
         self.copier.gather(layout, regions, block_ids, dests)
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],

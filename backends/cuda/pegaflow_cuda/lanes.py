@@ -18,6 +18,7 @@ soon as the last scatter of its group completes, while later groups are still mo
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -113,7 +114,7 @@ class Lane:
         self._kernel_stream = check(cu.cuStreamCreate(flags), "cuStreamCreate")
         self._filled = [self._new_event(), self._new_event()]  # staging buffer b holds its tile's bytes
         self._free = [self._new_event(), self._new_event()]  # staging buffer b may be reused
-        self._marks: list[object] = []  # a load's layer groups done / a save done
+        self._marks: list[object] = []  # progress events: a load's layer groups, a save's tiles
         self._staging_bytes = 0
         self._staging: list[int] = []
         self._words = 0
@@ -125,9 +126,11 @@ class Lane:
         self.fallback_segments = 0  # copied by the driver: pool memory not pinned (yet)
 
     # -- requests -------------------------------------------------------------------------------
-    def save(self, blocks: Blocks) -> None:
-        """Copy every plane of every block from the GPU into the pool; returns when done."""
-        self._run(blocks, [(np.arange(blocks.offset.size), 0)], None)
+    def save(self, blocks: Blocks, landed: Callable[[np.ndarray], None] | None = None) -> None:
+        """Copy every plane of every block from the GPU into the pool; returns when done.
+        ``landed(rows)`` runs as soon as those blocks are whole in the pool, tile by tile, so the
+        caller publishes them while later tiles are still moving instead of after the last one."""
+        self._run(blocks, [(np.arange(blocks.offset.size), 0)], None, landed)
 
     def load(self, blocks: Blocks, layer_planes: Sequence[Sequence[int]],
              done: Callable[[int], None] | None = None) -> None:
@@ -136,7 +139,8 @@ class Lane:
         self._run(blocks, _layer_groups(layer_planes, blocks.length), done)
 
     # -- planning and running -------------------------------------------------------------------
-    def _run(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]], done: Callable[[int], None] | None) -> None:
+    def _run(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]], done: Callable[[int], None] | None,
+             landed: Callable[[np.ndarray], None] | None = None) -> None:
         with self._lock:
             self.device.enter()
             extent = blocks.offset + blocks.length
@@ -144,9 +148,10 @@ class Lane:
             fast, slow = (blocks, None) if ok.all() else (blocks.take(ok), blocks.take(~ok))
             if slow is not None:
                 self.fallback_segments += slow.engine.size
-            progress = _Progress(groups, slow, self._driver_copy, done)
+            progress = _Progress()
+            report = _GroupReport(groups, slow, np.flatnonzero(~ok), self._driver_copy, done, landed)
             try:
-                self._enqueue(fast, self._plan(fast, groups), progress)
+                self._enqueue(fast, np.flatnonzero(ok), self._plan(fast, groups), progress, report)
                 progress.wait_all()
             finally:
                 driver.cu.cuStreamSynchronize(self._dma_stream)
@@ -171,9 +176,12 @@ class Lane:
                 tiles.append(_Tile(slice(0, 0), runs, at, layers))
         return tiles
 
-    def _enqueue(self, blocks: Blocks, tiles: list[_Tile], progress: _Progress) -> None:
+    def _enqueue(self, blocks: Blocks, rows: np.ndarray, tiles: list[_Tile], progress: _Progress,
+                 report: _GroupReport) -> None:
         """Queue every tile's DMA and kernel on the two streams, with an event marking each layer
-        group (a save: the whole request) complete; layers already in are reported on the way."""
+        group (a save: the whole request) complete, and for a save each tile's blocks landed
+        (``rows``: the request's row of each of ``blocks``); what is in already is reported on the
+        way."""
         cu = driver.cu
         saving = self.direction == "save"
         first, second = (self._kernel_stream, self._dma_stream) if saving else (self._dma_stream, self._kernel_stream)
@@ -188,10 +196,10 @@ class Lane:
                 check(cu.cuStreamWaitEvent(second, self._filled[b], 0), "cuStreamWaitEvent")
                 steps[1](blocks, tile, self._staging[b])
                 check(cu.cuEventRecord(self._free[b], second), "cuEventRecord")
+                if report.landed is not None:
+                    progress.add(self._record_mark(len(progress.marks), second), functools.partial(report.landed, rows[tile.rows]))
             if tile.layers_done or saving and t == len(tiles) - 1:
-                mark = self._mark(len(progress.marks))
-                check(cu.cuEventRecord(mark, second), "cuEventRecord")
-                progress.marks.append(mark)
+                progress.add(self._record_mark(len(progress.marks), second), report.next_group)
             progress.poll()
 
     def _copy(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
@@ -243,9 +251,11 @@ class Lane:
         flags = cu.CUevent_flags.CU_EVENT_DISABLE_TIMING | cu.CUevent_flags.CU_EVENT_BLOCKING_SYNC
         return check(cu.cuEventCreate(flags), "cuEventCreate")
 
-    def _mark(self, k: int) -> object:
+    def _record_mark(self, k: int, stream: object) -> object:
+        """The request's k-th progress event, recorded on ``stream`` (events are kept for reuse)."""
         while len(self._marks) <= k:
             self._marks.append(self._new_event())
+        check(driver.cu.cuEventRecord(self._marks[k], stream), "cuEventRecord")
         return self._marks[k]
 
     def _reserve_staging(self, piece: int) -> None:
@@ -311,41 +321,61 @@ def staging_from_env(default: int) -> int:
 
 
 class _Progress:
-    """Reports a request's layer groups in order as their events complete: ``poll`` for those in
-    already (while later tiles are still being queued), ``wait_all`` for the rest. Blocks whose
-    pool memory is not pinned are copied by the driver as their group comes due."""
+    """Runs each mark's action in order once its event has completed: ``poll`` for those in
+    already (while later tiles are still being queued), ``wait_all`` for the rest."""
 
-    def __init__(self, groups: list[tuple[np.ndarray, int]], slow: Blocks | None,
-                 driver_copy: Callable[[Blocks, np.ndarray], None], done: Callable[[int], None] | None) -> None:
-        self.groups, self.slow, self.driver_copy, self.done = groups, slow, driver_copy, done
-        self.marks: list[object] = []
-        self.reported_groups = 0
-        self.layers = 0
+    def __init__(self) -> None:
+        self.marks: list[tuple[object, Callable[[], None]]] = []
+        self.reached = 0
+
+    def add(self, event: object, action: Callable[[], None]) -> None:
+        self.marks.append((event, action))
 
     def poll(self) -> None:
         cu = driver.cu
-        while self.reported_groups < len(self.marks):
-            err = cu.cuEventQuery(self.marks[self.reported_groups])
+        while self.reached < len(self.marks):
+            err = cu.cuEventQuery(self.marks[self.reached][0])
             err = err[0] if isinstance(err, tuple) else err
             if err == cu.CUresult.CUDA_ERROR_NOT_READY:
                 return
             check(err, "cuEventQuery")
-            self._report()
+            self._reach()
 
     def wait_all(self) -> None:
-        while self.reported_groups < len(self.marks):
-            check(driver.cu.cuEventSynchronize(self.marks[self.reported_groups]), "cuEventSynchronize")
-            self._report()
+        while self.reached < len(self.marks):
+            check(driver.cu.cuEventSynchronize(self.marks[self.reached][0]), "cuEventSynchronize")
+            self._reach()
 
-    def _report(self) -> None:
-        planes, layers = self.groups[self.reported_groups]
+    def _reach(self) -> None:
+        action = self.marks[self.reached][1]
+        self.reached += 1
+        action()
+
+
+class _GroupReport:
+    """A request's layer groups completed in order (a save has one): the caller hears of its
+    layers, and blocks whose pool memory is not pinned are copied by the driver as their group
+    comes due."""
+
+    def __init__(self, groups: list[tuple[np.ndarray, int]], slow: Blocks | None, slow_rows: np.ndarray,
+                 driver_copy: Callable[[Blocks, np.ndarray], None], done: Callable[[int], None] | None,
+                 landed: Callable[[np.ndarray], None] | None) -> None:
+        self.groups, self.slow, self.slow_rows, self.driver_copy = groups, slow, slow_rows, driver_copy
+        self.done, self.landed = done, landed
+        self.reported = 0
+        self.layers = 0
+
+    def next_group(self) -> None:
+        planes, layers = self.groups[self.reported]
         if self.slow is not None:
             self.driver_copy(self.slow, planes)
-        self.reported_groups += 1
+        self.reported += 1
         if self.done is not None:
             for k in range(self.layers + 1, self.layers + layers + 1):
                 self.done(k)
         self.layers += layers
+        if self.reported == len(self.groups) and self.slow is not None and self.landed is not None:
+            self.landed(self.slow_rows)
 
 
 def _layer_groups(layer_planes: Sequence[Sequence[int]], length: np.ndarray) -> list[tuple[np.ndarray, int]]:
