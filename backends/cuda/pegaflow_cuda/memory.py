@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from pegaflow_core.backend import Availability
+from pegaflow_core.buffers import pick
 from pegaflow_core.contexts import EngineRegion
 from pegaflow_core.copier import block_addresses
 from pegaflow_core.errors import InvalidArgument, PegaflowError
 from pegaflow_core.layout import KVLayout
-from pegaflow_core.memory import EngineMemory, RegionRequest
+from pegaflow_core.memory import EngineMemory, Landed, RegionRequest
 
 from . import driver
 from .driver import CudaError, Device, check
@@ -137,11 +138,11 @@ class CudaIpcMemory(EngineMemory):
 
     # -- copies ---------------------------------------------------------------------------------
     def gather(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
-               dests: Sequence[memoryview]) -> None:
+               dests: Sequence[memoryview], landed: Landed | None = None) -> None:
         if not block_ids:
             return
         gpu = self._gpus[_one_device(regions)]
-        gpu.save.save(_blocks(layout, regions, block_ids, dests))
+        gpu.save.save(_blocks(layout, regions, block_ids, dests), landed)
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
                 sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:
@@ -153,7 +154,7 @@ class CudaIpcMemory(EngineMemory):
                     on_layer(done)
             return
         gpu = self._gpus[_one_device(regions)]
-        blocks = _blocks(layout, regions, [block_ids[i] for i in rows], [sources[i] for i in rows])
+        blocks = _blocks(layout, regions, [block_ids[i] for i in rows], pick(sources, rows))
         gpu.load.load(blocks, groups, on_layer)
 
     def fallback_segments(self) -> int:

@@ -38,7 +38,7 @@ from pegaflow_core import (
     TierUsage,
     byte_view,
 )
-from pegaflow_core.buffers import Buffer
+from pegaflow_core.buffers import Buffer, PoolViews
 from pegaflow_core.keys import check_keys
 from pegaflow_core.checksum import ALGORITHM as CHECKSUM
 from pegaflow_core.checksum import checksum
@@ -118,6 +118,7 @@ class DramTier(Tier):
             self._alloc.mark_ready(0)
         self._array: np.ndarray = self._pool.array
         self._data: memoryview = self._pool.data
+        self._base = self._pool.address  # views carry base + offset (PoolViews)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stored: dict[BlockKey, _Slot] = {}
@@ -529,7 +530,7 @@ class DramTier(Tier):
         self._pool.close()
 
     # -- Tier: host views ---------------------------------------------------------------------
-    def reserve(self, keys: Sequence[BlockKey], nbytes: int) -> list[memoryview | None]:
+    def reserve(self, keys: Sequence[BlockKey], nbytes: int) -> PoolViews:
         """Writable slots of ``nbytes`` each, invisible until ``commit``; ``None`` where full.
 
         A key may have one reservation at a time (a second one raises InvalidArgument). Reserving
@@ -542,15 +543,19 @@ class DramTier(Tier):
             raise InvalidArgument("keys: expected distinct keys in one reserve() call, got duplicates")
         with self._lock:
             self._check_open()
-            for i, key in enumerate(keys):
-                if key in self._reserved:
-                    raise InvalidArgument(f"keys[{i}]: {key!r} is already reserved; commit or abort it first")
+            if not self._reserved.keys().isdisjoint(keys):  # one C-level pass; the loop only names the key
+                for i, key in enumerate(keys):
+                    if key in self._reserved:
+                        raise InvalidArgument(f"keys[{i}]: {key!r} is already reserved; commit or abort it first")
             offsets = self._alloc.alloc(nbytes, len(keys))
-            out: list[memoryview | None] = [None] * len(keys)
+            views: list[memoryview | None] = [None] * len(keys)
+            reserved, data = self._reserved, self._data
             for i, offset in enumerate(offsets):
-                self._reserved[keys[i]] = _Slot(offset, nbytes)
-                out[i] = self._data[offset : offset + nbytes]
-            return out
+                reserved[keys[i]] = _Slot(offset, nbytes)
+                views[i] = data[offset : offset + nbytes]
+            addresses = np.zeros(len(keys), dtype=np.uint64)
+            addresses[: len(offsets)] = np.asarray(offsets, dtype=np.uint64) + np.uint64(self._base)
+            return PoolViews(views, addresses)
 
     def commit(self, keys: Sequence[BlockKey]) -> None:
         """Make reserved blocks visible. A key not reserved raises InvalidArgument, committing none."""
@@ -584,7 +589,7 @@ class DramTier(Tier):
                 if slot is not None:
                     self._alloc.free(slot.offset)
 
-    def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
+    def view(self, keys: Sequence[BlockKey]) -> PoolViews:
         """Read-only views of stored blocks, valid while the caller's lease keeps them stored."""
         keys = check_keys(keys)
         with self._lock:
@@ -602,7 +607,11 @@ class DramTier(Tier):
                     for _, slot in check:
                         self._unread(slot)
             slots = [None if s is not None and id(s) in bad else s for s in slots]
-        return [None if s is None else self._data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
+        data = self._data
+        views = [None if s is None else data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
+        offsets = np.fromiter((-1 if s is None else s.offset for s in slots), dtype=np.int64, count=len(slots))
+        addresses = np.where(offsets < 0, 0, offsets + self._base).astype(np.uint64)
+        return PoolViews(views, addresses)
 
     def checksums(self, keys: Sequence[BlockKey]) -> list[int | None]:
         """The sealed checksum of each stored block (``None``: missing or not sealed yet)."""

@@ -116,6 +116,33 @@ def test_reserve_answers_none_when_full_and_commit_keeps_stored_block(make_tier:
     assert again == [None]
 
 
+def test_views_carry_the_addresses_the_buffer_protocol_gives(make_tier: Make) -> None:
+    """Reserve and view hand out PoolViews: the GPU path reads each view's address from them
+    instead of asking every view. They must be the views' real addresses, 0 for a miss, and stay
+    right when an entry is replaced or a subset picked."""
+    from pegaflow_core.buffers import PoolViews, pick
+    from pegaflow_core.copier import buffer_addresses
+
+    tier = make_tier(capacity=MIB)
+    reserved = tier.reserve([key(i) for i in range(3)], 512 * 1024)  # the third finds no room
+    assert isinstance(reserved, PoolViews)
+    assert list(reserved.addresses[:2]) == list(buffer_addresses(list(reserved[:2]))) and reserved.addresses[2] == 0
+    tier.commit([key(0), key(1)])
+    viewed = tier.view([key(1), key(7), key(0)])
+    assert viewed[1] is None and viewed.addresses[1] == 0
+    assert [viewed.addresses[0], viewed.addresses[2]] == list(buffer_addresses([viewed[0], viewed[2]]))
+    picked = pick(viewed, [2, 0])
+    assert list(picked.addresses) == list(buffer_addresses(list(picked)))
+    other = tier.view([key(0)])[0]
+    viewed[1] = other  # a replaced entry (a promotion fills a miss) gets its own address
+    assert viewed.addresses[1] == buffer_addresses([other])[0]
+    viewed[0] = None
+    assert viewed.addresses[0] == 0
+    with pytest.raises(TypeError, match="one address per view"):
+        viewed.append(other)
+    assert buffer_addresses(viewed) is not None and list(buffer_addresses(viewed)) == list(viewed.addresses)
+
+
 def test_buffer_and_locate_address_the_same_bytes(make_tier: Make) -> None:
     tier = make_tier()
     tier.put([key(0), key(1)], [block(0, 5000), block(1, 300)])
