@@ -32,7 +32,7 @@ from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, Pegaf
 from .index import Lease
 from .keys import BlockKey
 from .layout import KVLayout, Plane
-from .memory import EngineMemory, RegionRequest
+from .memory import EngineMemory, Landed, RegionRequest
 from .metrics import Metrics
 from .packed import block_ids_of, keys_of
 from .plugins import get_registry
@@ -254,8 +254,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         block_ids = ids.tolist()
         memory = ctx.memory
 
-        def fill(positions: list[int], views: list[memoryview]) -> None:
-            memory.gather(layout, ctx.regions, [block_ids[p] for p in positions], views)
+        def fill(positions: list[int], views: list[memoryview], landed: Landed) -> None:
+            memory.gather(layout, ctx.regions, [block_ids[p] for p in positions], views, landed)
 
         start = time.perf_counter()
         outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill, present)
@@ -324,6 +324,8 @@ class Servicer(pb_grpc.PegaflowServicer):
                     getter.cancel()
                     break  # the copy ended before reporting every layer: its error surfaces below
                 layers_done = getter.result()
+                while not progress.empty():  # layers that came in meanwhile: one message for all
+                    layers_done = progress.get_nowait()
                 if layers_done < num_layers:
                     yield pb.LoadProgress(layers_done=layers_done, num_layers=num_layers)
             try:
