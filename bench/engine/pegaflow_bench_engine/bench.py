@@ -63,6 +63,7 @@ class Settings:
     out_dir: Path
     seed: int
     tied: bool | None
+    eager: bool = False  # no CUDA graphs (graphs.py)
 
     @property
     def gpu(self) -> bool:
@@ -100,6 +101,8 @@ class EngineBenchmark:
                        "(default: a temporary directory under /var/tmp)")
         p.add_argument("--out", default="", help="where to write the TTFT plot/CSV (default: $OUT or the current directory)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--eager", action="store_true", help="never replay CUDA graphs (by default suffixes of at most "
+                       "64 tokens replay per-layer graphs captured after their first request, as vLLM does)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -163,4 +166,4 @@ def resolve(args: argparse.Namespace) -> Settings:
             raise InvalidArgument(f"--pool-size: {exc}") from None
     out = Path(args.out or os.environ.get("OUT") or ".")
     return Settings(mode=args.mode, size=size, device=device, shape=shape, backend=args.backend, pool_size=pool,
-                    ssd_dir=args.ssd_dir, out_dir=out, seed=args.seed, tied=args.tied, **counts)
+                    ssd_dir=args.ssd_dir, out_dir=out, seed=args.seed, tied=args.tied, eager=args.eager, **counts)

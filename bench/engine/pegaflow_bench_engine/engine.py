@@ -23,6 +23,7 @@ import torch
 from pegaflow_core.errors import PegaflowError
 from pegaflow_core.sim_engine import block_hashes
 
+from .graphs import GraphCache
 from .kv_backend import Hit, KVBackend
 from .kv_cache import PagedKVCache
 from .model import Decoder
@@ -62,13 +63,15 @@ class _LoadTimes:
 class Engine:
     def __init__(self, shape: ModelShape, backend: KVBackend, device: torch.device, kv_blocks: int,
                  instance_id: str = "engine-0", seed: int = 0, tied: bool = False, tp_rank: int = 0,
-                 tp_size: int = 1, save: bool = True) -> None:
+                 tp_size: int = 1, save: bool = True, graphs: bool = True) -> None:
         self.shape = shape
         self.device = device
         self.backend = backend
         self.save_enabled = save
         self.decoder = Decoder(shape, device, seed=seed, tied=tied, tp_size=tp_size)
         self.cache = PagedKVCache(shape, kv_blocks, device, seed=seed + tp_rank + 1)
+        # Short suffixes replay captured CUDA graphs (graphs.py), as vLLM does unless told to stay eager.
+        self.graphs = GraphCache(self.decoder, self.cache) if graphs and device.type == "cuda" else None
         self.instance_id, self.seed, self.tp_rank, self.tp_size = instance_id, seed, tp_rank, tp_size
         self._register(backend)
 
@@ -106,6 +109,8 @@ class Engine:
             save_s = time.perf_counter() - save_start
         finally:
             self.cache.free(block_ids)
+        if self.graphs is not None:
+            self.graphs.capture_pending()  # after the request, outside its timings
         hit_tokens = hit.blocks * B
         return Prefill(len(tokens), hit_tokens, len(tokens) - hit_tokens, ttft, hashed - started, queried - started,
                        times.wait_s, times.issue_s, times.end_s, hit.wait_s, save_s,
@@ -129,7 +134,11 @@ class Engine:
         positions = torch.arange(start, len(tokens), device=dev)
         table = torch.tensor(block_ids, device=dev)
         slots = table[positions // B] * B + positions % B
-        h = self.decoder.embed(ids)
+        graphs = self.graphs.runner((len(ids), len(tokens), len(block_ids))) if self.graphs is not None else None
+        if graphs is not None:
+            graphs.start(ids, positions, table, slots)
+        else:
+            h = self.decoder.embed(ids)
         failed: tuple[int, ...] = ()
         for layer in range(self.shape.layers):
             if load is not None:
@@ -140,7 +149,10 @@ class Engine:
                     failed = tuple(block_ids[: hit.blocks])
                     load = None
                 times.wait_s += time.perf_counter() - waiting
-            h = self.decoder.layer(layer, h, positions, self.cache, table, slots, len(tokens))
+            if graphs is not None:
+                h = graphs.layer(layer)
+            else:
+                h = self.decoder.layer(layer, h, positions, self.cache, table, slots, len(tokens))
         if load is not None:
             waiting = time.perf_counter()
             failed = load.finish()
@@ -150,5 +162,7 @@ class Engine:
         return self.decoder.logits(h if keep_logits else h[-1:]), failed
 
     def close(self) -> None:
+        if self.graphs is not None:
+            self.graphs.close()
         self.backend.close()
         self.cache.close()

@@ -145,10 +145,19 @@ class Decoder:
         cached = self._rope_of
         if cached is not None and cached[0] is positions:
             return cached[1], cached[2]
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
-        self._rope_of = (positions, cos, sin)
+        cos, sin = self.rope_values(positions)
+        self.use_rope(positions, cos, sin)
         return cos, sin
+
+    def rope_values(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of ``positions``, [tokens, 1, rotary dim / 2] in float32."""
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        return freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+
+    def use_rope(self, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Layers given ``positions`` (this very tensor) read ``cos`` and ``sin``: a captured
+        graph's static buffers, refilled before each replay."""
+        self._rope_of = (positions, cos, sin)
 
     def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
         """Stands in for TP's all-reduce: ranks hold equal weights, so the sum is tp x a rank's part."""

@@ -46,6 +46,7 @@ class EngineSpec:
     tp_rank: int = 0
     tp_size: int = 1
     save: bool = True
+    graphs: bool = True  # short suffixes replay CUDA graphs (graphs.py)
     warmup_tokens: int = 0  # one uncounted prefill (no backend) before "ready": kernels and allocator warm
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -160,7 +161,8 @@ def build_engine(spec: EngineSpec) -> Any:
     else:
         raise ValueError(f"backend must be 'pegaflow', 'reference' or 'none', got {spec.backend!r}")
     return Engine(ModelShape(**spec.shape), backend, device, spec.kv_blocks, instance_id=spec.instance_id, seed=spec.seed,
-                  tied=spec.tied, tp_rank=spec.tp_rank, tp_size=spec.tp_size, save=spec.save)
+                  tied=spec.tied, tp_rank=spec.tp_rank, tp_size=spec.tp_size, save=spec.save,
+                  graphs=spec.graphs)
 
 
 def prefill_figures(result: Any) -> dict[str, Any]:

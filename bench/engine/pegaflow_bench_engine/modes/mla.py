@@ -35,7 +35,7 @@ def run(settings: Settings) -> dict[str, Any]:
     with KVServer(settings, pool) as server:
         try:
             for r in range(tp):
-                spec = EngineSpec(shape=shape_dict(settings), backend="pegaflow", endpoint=server.endpoint,
+                spec = EngineSpec(shape=shape_dict(settings), graphs=not settings.eager, backend="pegaflow", endpoint=server.endpoint,
                                   device=settings.device, kv_blocks=-(-T // s.block_size) + 4, seed=settings.seed,
                                   tied=bool(settings.tied), instance_id="mla-engine", tp_rank=r, tp_size=tp, save=r == 0,
                                   warmup_tokens=settings.warmup_tokens)

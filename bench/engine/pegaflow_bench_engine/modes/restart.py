@@ -48,7 +48,7 @@ def run(settings: Settings) -> dict[str, Any]:
 
 
 def _spec(settings: Settings, backend: str, endpoint: str) -> EngineSpec:
-    return EngineSpec(shape=shape_dict(settings), backend=backend, endpoint=endpoint, device=settings.device,
+    return EngineSpec(shape=shape_dict(settings), graphs=not settings.eager, backend=backend, endpoint=endpoint, device=settings.device,
                       kv_blocks=-(-settings.prompt_tokens // settings.shape.block_size) + 4, seed=settings.seed,
                       tied=bool(settings.tied), instance_id="engine-restart", warmup_tokens=settings.warmup_tokens)
 

@@ -50,7 +50,7 @@ def _scenario(settings: Settings, per_engine: list[list[list[int]]], servers: li
         for server in servers:
             server.start()
         for k in range(K):
-            spec = EngineSpec(shape=shape_dict(settings), backend="pegaflow", endpoint=servers[k % len(servers)].endpoint,
+            spec = EngineSpec(shape=shape_dict(settings), graphs=not settings.eager, backend="pegaflow", endpoint=servers[k % len(servers)].endpoint,
                               device=settings.device, kv_blocks=prompt_blocks + 4, seed=settings.seed,
                               tied=settings.tied if settings.tied is not None else True, instance_id=f"engine-{k}",
                               warmup_tokens=settings.warmup_tokens)

@@ -36,7 +36,7 @@ def run(settings: Settings) -> dict[str, Any]:
     prompt_bytes = (T // shape.block_size) * shape.block_bytes
     dram = settings.pool_size or int(prompt_bytes * (N + len(SWEEP) + 2) * 1.25)
     engine = Engine(shape, NoBackend(), device(settings), kv_blocks=-(-T // shape.block_size) + 8, seed=settings.seed,
-                    tied=bool(settings.tied))
+                    tied=bool(settings.tied), graphs=not settings.eager)
     try:
         say(f"ttft: {shape.name} on {settings.device}, {T}-token prompts, {N} per phase, backend {settings.backend}")
         started = time.monotonic()
