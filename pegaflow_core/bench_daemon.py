@@ -3,8 +3,9 @@
 process, timed against a plain one-thread memcpy of the same number of bytes in the same run.
 
 Figures: save and load GB/s (end to end: RPC, index, copies between the engine's shared-memory KV
-cache and the daemon's pool), Query latency and per-step control overhead (a Save whose blocks are
-all present already: everything but the copy) as p50/p99.
+cache and the daemon's pool), Query latency, per-step control overhead (a Save whose blocks are
+all present already: everything but the copy) and an empty round trip (Health) as p50/p99. The
+client uses the daemon's local socket as engines on its machine do; ``--grpc-only`` times gRPC.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--pool-size {args.pool_size} is too small: the benchmark needs at least {2 * nbytes >> 20} MiB")
     baseline = memcpy_gbps(nbytes)
     config = f"tiers: [{{kind: dram, capacity: {pool}}}]\nindex: {{kind: local}}\n"
-    with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
+    with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60, local=not args.grpc_only) as client:
         client.wait_warm()
         engine = SimulatedEngine(client, shape, fill=False, memory=args.memory)
         try:
@@ -67,12 +68,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 hit = client.query(engine.handle, keys)
                 assert hit.hit_blocks == blocks, f"expected {blocks} hits, got {hit.hit_blocks}"
                 load_s.append(_timed(lambda: client.load(engine.handle, hit.lease_id, ids).wait()))
-            query_s, control_s = [], []
+            query_s, control_s, health_s = [], [], []
             for _ in range(args.control_rounds):
                 holder: dict[str, Any] = {}
                 query_s.append(_timed(lambda: holder.setdefault("q", client.query(engine.handle, hashes[-1]))))
                 client.release([holder["q"].lease_id])
                 control_s.append(_timed(lambda: client.save(engine.handle, engine.allocate(blocks), hashes[-1])))
+                health_s.append(_timed(client.health))
+            path = "local socket" if client.local_socket else "gRPC"
         finally:
             engine.close()
     save_gbps = nbytes / statistics.median(save_s) / 1e9
@@ -80,7 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "bench": "daemon",
         "description": f"{args.tokens}-token prompt, {blocks} blocks x {shape.block_bytes >> 10} KiB = {nbytes / 1e9:.2f} GB "
-        f"per step, engine KV in {'a shared-memory file' if args.memory == 'shm' else 'private memory (cross-memory attach)'}",
+        f"per step, engine KV in {'a shared-memory file' if args.memory == 'shm' else 'private memory (cross-memory attach)'}, "
+        f"control calls over {path}",
         "figures": {
             "save_gbps": save_gbps,
             "load_gbps": load_gbps,
@@ -90,6 +94,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "query_ms_p99": 1e3 * _pct(query_s, 0.99),
             "step_control_ms_p50": 1e3 * _pct(control_s, 0.5),
             "step_control_ms_p99": 1e3 * _pct(control_s, 0.99),
+            "health_ms_p50": 1e3 * _pct(health_s, 0.5),
+            "health_ms_p99": 1e3 * _pct(health_s, 0.99),
         },
         "baseline": {"memcpy_gbps": baseline},
         "ratios": {"save_vs_memcpy": save_gbps / baseline, "load_vs_memcpy": load_gbps / baseline},

@@ -23,6 +23,7 @@ from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .errors import CapacityError, DaemonUnavailable, InvalidArgument, NotFound, PegaflowError
 from .layout import Plane
+from .local_rpc import LOCAL_METHODS, ErrorReply, LocalChannel, NotSent
 from .packed import pack_block_ids, pack_hashes
 
 log = logging.getLogger("pegaflow.client")
@@ -115,7 +116,10 @@ class LoadResult:
 
 
 def _error(exc: grpc.RpcError, what: str) -> PegaflowError:
-    code, detail = exc.code(), exc.details() or ""
+    return _error_of(exc.code(), exc.details() or "", what)
+
+
+def _error_of(code: grpc.StatusCode, detail: str, what: str) -> PegaflowError:
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return DaemonUnavailable(f"{what}: pegaflow daemon unavailable ({code.name}: {detail})")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
@@ -175,11 +179,18 @@ class LoadHandle:
 
 
 class PegaflowClient:
-    """Synchronous client. Thread-safe; one per engine process is enough."""
+    """Synchronous client. Thread-safe; one per engine process is enough.
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 5.0, description: str = "") -> None:
+    With ``local=True`` (the default) Save, Query, Release and Health go over the daemon's Unix
+    socket once a context is registered, if the daemon has one and it leads to the same daemon
+    from here (local_rpc.py); everything else, and every call when it does not, uses gRPC."""
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 5.0, description: str = "",
+                 local: bool = True) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
+        self.local = local
+        self._local: LocalChannel | None = None
         self.session_id = uuid.uuid4().hex
         self.description = description
         self._channel = grpc.insecure_channel(endpoint, options=_CHANNEL_OPTIONS)
@@ -224,10 +235,55 @@ class PegaflowClient:
                 log.warning("re-registering %s failed: %s", handle.spec.instance_id, exc)
 
     def _call(self, method: str, request: object, what: str, timeout: float | None = None) -> object:
+        local = self._local
+        if local is not None and method in LOCAL_METHODS:
+            try:
+                return local.call(method, request, timeout or self.timeout_s)
+            except NotSent as exc:  # the daemon exited or restarted: gRPC finds out which
+                log.debug("local socket unusable (%s); back to gRPC", exc)
+                self._drop_local(local)
+            except ErrorReply as exc:
+                raise _error_of(exc.code, exc.detail, what) from None
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as exc:
             raise _error(exc, what) from None
+
+    @property
+    def local_socket(self) -> str | None:
+        """The Unix socket this client sends Save/Query/Release to, or None while it uses gRPC."""
+        local = self._local
+        return local.path if local is not None else None
+
+    def _use_local(self, path: str, daemon_id: str) -> None:
+        """Use the daemon's local socket if this client reaches it and it leads to the daemon that
+        gave its path: a remote daemon's path may name another daemon on this machine, or none."""
+        current = self._local
+        if not self.local or not path:
+            self._drop_local(current)
+            return
+        if current is not None and current.path == path and current.daemon_id == daemon_id:
+            return
+        channel = LocalChannel(path)
+        try:
+            found = channel.call("Health", pb.HealthRequest(), self.timeout_s).daemon_id
+        except (NotSent, ErrorReply, PegaflowError) as exc:
+            found = f"none ({exc})"
+        if found != daemon_id:
+            log.debug("not using local socket %s: it leads to daemon %s, not %s", path, found, daemon_id)
+            channel.close()
+            self._drop_local(current)
+            return
+        channel.daemon_id = daemon_id
+        self._local = channel
+        if current is not None:
+            current.close()
+
+    def _drop_local(self, channel: LocalChannel | None) -> None:
+        if channel is not None:
+            if self._local is channel:
+                self._local = None
+            channel.close()
 
     def _with_context(self, handle: ContextHandle, method: str, make: object, what: str) -> object:
         """Call with the handle's current id; on 'unknown context' (daemon restarted) register
@@ -292,6 +348,7 @@ class PegaflowClient:
         reply = self._call("RegisterContext", register_request(handle.spec, self.session_id), "register_context")
         handle.context_id, handle.block_bytes, handle.daemon_id = reply.context_id, reply.block_bytes, reply.daemon_id
         handle.packed_keys = reply.packed_keys
+        self._use_local(reply.local_socket, reply.daemon_id)
 
     def unregister_context(self, handle: ContextHandle) -> None:
         with self._lock:
@@ -351,6 +408,7 @@ class PegaflowClient:
         """Unregister nothing explicitly: closing the session frees this client's leases and
         contexts on the daemon side."""
         self._closed.set()
+        self._drop_local(self._local)
         call = getattr(self, "_session_call", None)
         if call is not None:
             call.cancel()

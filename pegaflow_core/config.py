@@ -73,6 +73,20 @@ def check_host_port(value: str) -> None:
         )
 
 
+# sun_path of struct sockaddr_un holds 108 bytes, the terminating NUL included.
+MAX_UNIX_PATH = 107
+
+
+def check_local_socket(value: str) -> None:
+    """Raise ValueError unless ``value`` is ``auto`` or an absolute path short enough to bind."""
+    if value == "auto":
+        return
+    if not value.startswith("/"):
+        raise ValueError(f"expected 'auto', an absolute path like '/run/pegaflow/rpc.sock', or null, got {value!r}")
+    if len(os.fsencode(value)) > MAX_UNIX_PATH:
+        raise ValueError(f"a Unix socket path holds at most {MAX_UNIX_PATH} bytes, got {len(os.fsencode(value))}: {value!r}")
+
+
 def check_non_negative(value: int) -> None:
     if value < 0:
         raise ValueError(f"expected an integer >= 0, got {value}")
@@ -124,6 +138,15 @@ class ServerConfig:
         default="/dev/shm/pegaflow",
         metadata={"help": "where pool files and journals live, so a restarted daemon re-attaches its warm cache",
                   "check": check_non_empty},
+    )
+    local_socket: str | None = field(
+        default="auto",
+        metadata={
+            "help": "Unix socket clients on this machine send Save/Query/Release to, bypassing gRPC: "
+                    "'auto' (state_dir/rpc-<listen address>.sock), an absolute path, or null for none",
+            "check": check_local_socket,
+            "expect": "'auto', an absolute path like '/run/pegaflow/rpc.sock', or null for none",
+        },
     )
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
+import re
 import secrets
 import signal
 import threading
@@ -20,18 +22,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 
 from . import __version__
 from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
 from .checksum import checksum
-from .config import DaemonConfig
+from .config import MAX_UNIX_PATH, DaemonConfig
 from .contexts import ContextTable, EngineContext, EngineRegion
 from .copier import engine_segments
 from .errors import CapacityError, ConfigError, InvalidArgument, NotFound, PegaflowError, PluginError
 from .index import Lease
 from .keys import BlockKey
 from .layout import KVLayout, Plane
+from .local_rpc import LocalServer, reap_stale
 from .memory import EngineMemory, Landed, RegionRequest
 from .metrics import Metrics
 from .packed import block_ids_of, keys_of
@@ -56,13 +60,19 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     return next((c for t, c in _STATUS.items() if isinstance(exc, t)), grpc.StatusCode.FAILED_PRECONDITION)
 
 
-async def _abort(servicer: Servicer, method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    """Answer with the status code of ``exc``; unexpected errors are logged with a traceback."""
+def _failure(servicer: Servicer, method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and message that answer ``exc``; unexpected errors are logged with a
+    traceback."""
     code = _status_of(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method, exc_info=exc)
     servicer.metrics.rpc_errors.labels(method, code.name).inc()
-    await context.abort(code, str(exc) if isinstance(exc, PegaflowError) else f"internal error: {exc!r}")
+    return code, str(exc) if isinstance(exc, PegaflowError) else f"internal error: {exc!r}"
+
+
+async def _abort(servicer: Servicer, method: str, context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    """Answer with the status code of ``exc``."""
+    await context.abort(*_failure(servicer, method, exc))
 
 
 def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -98,6 +108,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         self.daemon_id = secrets.token_hex(8)
         self.started = time.monotonic()
         self.degraded: list[str] = []
+        self.local_socket = ""  # the local fast path's socket (local_rpc.py), once it listens
         metrics.bind_gauge(metrics.contexts, lambda: len(self.contexts))
         metrics.bind_gauge(metrics.sessions, lambda: len(self.sessions))
         metrics.bind_gauge(metrics.leases, lambda: self.stack.index.stats().leases)
@@ -106,12 +117,25 @@ class Servicer(pb_grpc.PegaflowServicer):
     async def _offload(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
+    async def answer_local(self, method: str, request: Message) -> tuple[grpc.StatusCode, Message | str]:
+        """One request from the local socket (local_rpc.py): the same handler, metrics and error
+        mapping as over gRPC, without a gRPC context (the handlers it serves never use one)."""
+        handler = getattr(type(self), method)
+        start = time.perf_counter()
+        try:
+            return grpc.StatusCode.OK, await getattr(handler, "__wrapped__", handler)(self, request, None)
+        except Exception as exc:
+            return _failure(self, method, exc)
+        finally:
+            self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - start)
+
     # -- liveness -----------------------------------------------------------------------------
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
         return pb.HealthResponse(
             status="serving", daemon_id=self.daemon_id, version=__version__,
             node=self.config.server.node, uptime_s=time.monotonic() - self.started,
             warming=any(tier.warming for _, tier in self.stack.tiers), degraded=self.degraded,
+            local_socket=self.local_socket,
         )
 
     async def Session(self, request: pb.SessionRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.SessionEvent]:
@@ -174,7 +198,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         log.info("registered %s: instance %s ns %s shard %d, %d blocks of %d bytes",
                  ctx.context_id, ctx.instance_id, ctx.namespace, ctx.shard, layout.num_blocks, layout.block_bytes)
         return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes,
-                                          daemon_id=self.daemon_id, packed_keys=True)
+                                          daemon_id=self.daemon_id, packed_keys=True, local_socket=self.local_socket)
 
     def _register_query_only(self, request: pb.RegisterContextRequest) -> pb.RegisterContextResponse:
         """A context without KV memory (a scheduler): it names its namespace's block size so a
@@ -195,7 +219,7 @@ class Servicer(pb_grpc.PegaflowServicer):
         log.info("registered %s: query-only, instance %s ns %s shard %d", ctx.context_id, ctx.instance_id,
                  ctx.namespace, ctx.shard)
         return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=request.block_bytes,
-                                          daemon_id=self.daemon_id, packed_keys=True)
+                                          daemon_id=self.daemon_id, packed_keys=True, local_socket=self.local_socket)
 
     def _map_regions(self, regions: list[pb.MemoryRegion]) -> list[EngineRegion]:
         kinds = {r.kind for r in regions}
@@ -467,6 +491,7 @@ class Daemon:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_address: tuple[str, int] | None = None
+        self.local: LocalServer | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -518,14 +543,51 @@ class Daemon:
         if self.port == 0:
             raise PegaflowError(f"server.listen: cannot bind {listen} (address in use or not local)")
         await self.server.start()
+        await self._start_local()
         if self.config.server.metrics:
             self.metrics_address = self.metrics.serve(self.config.server.metrics)
         self._publish_node()
         self._housekeeping = asyncio.create_task(self._housekeep())
         host = listen.rpartition(":")[0]
-        log.info("pegaflow %s serving on %s:%d (tiers: %s; metrics: %s)", __version__, host, self.port,
-                 ", ".join(f"{n}={t.kind}" for n, t in self.stack.tiers),
-                 "http://%s:%d/metrics" % self.metrics_address if self.metrics_address else "off")
+        log.info("pegaflow %s serving on %s:%d (tiers: %s; metrics: %s; local socket: %s)", __version__, host,
+                 self.port, ", ".join(f"{n}={t.kind}" for n, t in self.stack.tiers),
+                 "http://%s:%d/metrics" % self.metrics_address if self.metrics_address else "off",
+                 self.servicer.local_socket or "off")
+
+    def local_socket_path(self) -> str | None:
+        """Where the local socket goes: ``server.local_socket``, or for ``auto`` a name in
+        ``state_dir`` made from the bound listen address, so daemons on other ports never clash."""
+        setting = self.config.server.local_socket
+        if setting != "auto":
+            return setting
+        listen = self.config.server.listen
+        bound = listen if listen.startswith("unix:") else f"{listen.rpartition(':')[0]}:{self.port}"
+        name = "rpc-" + re.sub(r"[^A-Za-z0-9.]+", "-", bound).strip("-") + ".sock"
+        return os.path.join(self.config.server.state_dir, name)
+
+    async def _start_local(self) -> None:
+        """Serve the local fast path. With ``auto`` a socket that cannot be made (state_dir not
+        writable, the path in use) is logged and skipped: clients then use gRPC, as remote ones do.
+        A path set explicitly must work."""
+        path = self.local_socket_path()
+        if path is None:
+            return
+        explicit = self.config.server.local_socket != "auto"
+        try:
+            if len(os.fsencode(path)) > MAX_UNIX_PATH:
+                raise PegaflowError(f"{path!r} is longer than the {MAX_UNIX_PATH} bytes a Unix socket path holds")
+            if not explicit:
+                reap_stale(os.path.dirname(path))
+            local = LocalServer(path, self.servicer.answer_local)
+            await local.start()
+        except (OSError, PegaflowError) as exc:
+            if explicit:
+                raise ConfigError(f"cannot serve the local socket: {exc}", file=self.config.source,
+                                  path="server.local_socket") from None
+            log.warning("no local socket (server.local_socket: auto): %s; local clients use gRPC", exc)
+            return
+        self.local = local
+        self.servicer.local_socket = path
 
     async def _housekeep(self) -> None:
         ticks = 0
@@ -539,6 +601,8 @@ class Daemon:
     async def stop(self, grace: float = 2.0) -> None:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self.local is not None:
+            self.local.close()
         if self.server is not None:
             await self.server.stop(grace)
         self.servicer.close()

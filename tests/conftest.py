@@ -26,6 +26,14 @@ def client(daemon):
 
 
 @pytest.fixture
+def grpc_client(daemon):
+    """A client that never uses the daemon's local socket: one on another machine, or facing a
+    daemon without one."""
+    with PegaflowClient(daemon.endpoint, timeout_s=10, local=False) as c:
+        yield c
+
+
+@pytest.fixture
 def make_engine(client):
     engines = []
 

@@ -375,8 +375,8 @@ def test_default_yaml_server_section_matches_the_dataclass_defaults() -> None:
 
 def test_server_defaults() -> None:
     server = ServerConfig()
-    assert (server.listen, server.metrics, server.device, server.lease_ttl, server.state_dir) == (
-        "127.0.0.1:50055", "127.0.0.1:9091", None, 30.0, "/dev/shm/pegaflow")
+    assert (server.listen, server.metrics, server.device, server.lease_ttl, server.state_dir, server.local_socket) == (
+        "127.0.0.1:50055", "127.0.0.1:9091", None, 30.0, "/dev/shm/pegaflow", "auto")
     assert server.node == socket.gethostname()
 
 
@@ -458,7 +458,13 @@ def test_unknown_top_level_key() -> None:
     ("server: {lease_ttl: forever}", r"server\.lease_ttl: expected a duration like '30s'.*, got 'forever'"),
     ("server: {node: ''}", r"server\.node: expected a non-empty string, got ''"),
     ("server: {lisen: 1}", r"server: unknown key 'lisen' \(did you mean 'listen'\?\); valid keys: listen, metrics, "
-                           r"device, lease_ttl, node, state_dir"),
+                           r"device, lease_ttl, node, state_dir, local_socket$"),
+    ("server: {local_socket: run/rpc.sock}", r"server\.local_socket: expected 'auto', an absolute path like "
+                                             r"'/run/pegaflow/rpc\.sock', or null, got 'run/rpc\.sock'"),
+    ("server: {local_socket: '/%s.sock'}" % ("x" * 110), r"server\.local_socket: a Unix socket path holds at most 107 "
+                                                          r"bytes, got 116: '/x+\.sock'"),
+    ("server: {local_socket: 7}", r"server\.local_socket: expected 'auto', an absolute path like "
+                                  r"'/run/pegaflow/rpc\.sock', or null for none, got 7"),
     ("server: [1]", r"server: expected a mapping of options, got a list"),
 ])
 def test_server_errors(text: str, message: str) -> None:
@@ -468,8 +474,9 @@ def test_server_errors(text: str, message: str) -> None:
 
 def test_server_values() -> None:
     server = parse("server: {listen: '[::1]:0', metrics: null, device: 1, lease_ttl: 500ms, node: n1, "
-                   "state_dir: /run/pf}").server
-    assert server == ServerConfig("[::1]:0", None, 1, 0.5, "n1", "/run/pf")
+                   "state_dir: /run/pf, local_socket: /run/pf/rpc.sock}").server
+    assert server == ServerConfig("[::1]:0", None, 1, 0.5, "n1", "/run/pf", "/run/pf/rpc.sock")
+    assert parse("server: {local_socket: null}").server.local_socket is None
 
 
 # -- components ------------------------------------------------------------------------------------

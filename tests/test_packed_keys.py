@@ -48,8 +48,10 @@ class _Recorder(grpc.UnaryUnaryClientInterceptor):
         return continuation(details, request)
 
 
-def test_a_client_facing_an_older_daemon_sends_the_repeated_form(client, make_engine):
-    engine = make_engine(model="older")
+def test_a_client_facing_an_older_daemon_sends_the_repeated_form(grpc_client, make_engine):
+    client = grpc_client  # older daemons have no local socket
+    engine = make_engine(model="older", on=client)
+    assert client.local_socket is None
     recorder = _Recorder()
     client._stub = pb_grpc.PegaflowStub(grpc.intercept_channel(client._channel, recorder))
     hashes = block_hashes(list(range(16 * 4)), 16)

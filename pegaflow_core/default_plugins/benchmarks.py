@@ -23,6 +23,8 @@ class DaemonBenchmark:
         p.add_argument("--pool-size", default="4gb", help="daemon DRAM tier capacity (default %(default)s)")
         p.add_argument("--memory", choices=("shm", "cma"), default="shm",
                        help="engine KV in a shared-memory file, or private memory reached by cross-memory attach")
+        p.add_argument("--grpc-only", action="store_true",
+                       help="control calls over gRPC, not the daemon's local socket (as a client on another machine)")
 
     @staticmethod
     def run(args: argparse.Namespace) -> dict[str, Any]:
