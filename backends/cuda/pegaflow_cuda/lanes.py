@@ -34,7 +34,11 @@ from . import driver
 from .driver import BatchCopier, Device, check
 from .kernels import THREADS, copy_function
 
-STAGING_BYTES = 32 << 20  # per buffer; a lane has two (PEGAFLOW_CUDA_STAGING overrides, e.g. "128mb")
+# Per buffer; a lane has two (PEGAFLOW_CUDA_STAGING overrides both, e.g. "64mb"). Loads run while
+# the engine computes, and two processes' kernels are time-sliced on the GPU: a scatter kernel may
+# wait for the engine's slice, and larger buffers let the DMA run ahead meanwhile (warm 10K TTFT on
+# the H100: 45.6 ms with 32 MiB, 37.7 with 128, 39.2 with 512; docs/benchmarks.md).
+STAGING_BYTES = {"save": 32 << 20, "load": 128 << 20}
 MIN_PIECE = 256 << 10
 
 
@@ -99,7 +103,7 @@ class Lane:
     """Copies between GPU blocks and the pinned pool in one direction: ``save`` (GPU to pool) or
     ``load`` (pool to GPU)."""
 
-    def __init__(self, device: Device, direction: str, staging_bytes: int = STAGING_BYTES) -> None:
+    def __init__(self, device: Device, direction: str, staging_bytes: int | None = None) -> None:
         if direction not in ("save", "load"):
             raise ValueError(f"direction must be 'save' or 'load', got {direction!r}")
         self.device = device
@@ -122,8 +126,9 @@ class Lane:
         self._host_table: np.ndarray | None = None
         self._host_pointer = 0
         self._max_grid = max(1, device.sm_count * 16)  # thread blocks walk segments by stride
-        self._want_staging = staging_from_env(staging_bytes)
+        self._want_staging = staging_from_env(staging_bytes or STAGING_BYTES[direction])
         self.fallback_segments = 0  # copied by the driver: pool memory not pinned (yet)
+        self._runs_cache: dict[bytes, list[_Runs]] = {}
 
     # -- requests -------------------------------------------------------------------------------
     def save(self, blocks: Blocks, landed: Callable[[np.ndarray], None] | None = None) -> None:
@@ -160,7 +165,7 @@ class Lane:
     def _plan(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]]) -> list[_Tile]:
         """Tiles in order (boundaries only: each tile's segments are written as it is queued, so
         the first DMA starts after one tile's worth of host work, not the whole request's)."""
-        group_runs = [_Runs.of(planes, blocks.offset, blocks.length) for planes, _ in groups]
+        group_runs = self._group_runs(groups, blocks.offset, blocks.length)
         self._reserve_staging(max(r.piece for r in group_runs))
         self._reserve_table(3 * blocks.engine.size)
         tiles: list[_Tile] = []
@@ -175,6 +180,18 @@ class Lane:
             if not n_blocks:
                 tiles.append(_Tile(slice(0, 0), runs, at, layers))
         return tiles
+
+    def _group_runs(self, groups: list[tuple[np.ndarray, int]], offset: np.ndarray, length: np.ndarray) -> list[_Runs]:
+        """Each group's runs; a context's layout gives the same ones every request (kept here, a
+        few contexts' worth: ~0.4 ms of numpy per Llama-8B load otherwise)."""
+        sizes = np.array([len(planes) for planes, _ in groups], dtype=np.int64)
+        key = b"".join([offset.tobytes(), length.tobytes(), sizes.tobytes()] + [planes.tobytes() for planes, _ in groups])
+        runs = self._runs_cache.get(key)
+        if runs is None:
+            if len(self._runs_cache) >= 64:
+                self._runs_cache.clear()
+            runs = self._runs_cache[key] = [_Runs.of(planes, offset, length) for planes, _ in groups]
+        return runs
 
     def _enqueue(self, blocks: Blocks, rows: np.ndarray, tiles: list[_Tile], progress: _Progress,
                  report: _GroupReport) -> None:
@@ -259,7 +276,7 @@ class Lane:
         return self._marks[k]
 
     def _reserve_staging(self, piece: int) -> None:
-        """Two buffers of at least one block's piece each (normally STAGING_BYTES)."""
+        """Two buffers of at least one block's piece each (normally STAGING_BYTES of the direction)."""
         want = max(self._want_staging, piece)
         if want <= self._staging_bytes:
             return
