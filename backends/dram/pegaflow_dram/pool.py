@@ -110,14 +110,14 @@ class SlabAllocator:
             else:
                 break
             base = chunk.index * self.chunk_bytes
-            while len(out) < count and chunk.used < chunk.slots:
-                if chunk.freed:
-                    slot = chunk.freed.pop()
-                else:
-                    slot = chunk.fresh
-                    chunk.fresh += 1
-                chunk.used += 1
-                out.append(base + slot * size)
+            take = min(count - len(out), chunk.slots - chunk.used)
+            reused = min(take, len(chunk.freed))  # freed slots first, most recently freed first
+            slots = chunk.freed[len(chunk.freed) - reused :][::-1]
+            del chunk.freed[len(chunk.freed) - reused :]
+            slots.extend(range(chunk.fresh, chunk.fresh + take - reused))
+            chunk.fresh += take - reused
+            chunk.used += take
+            out.extend(base + slot * size for slot in slots)
             if chunk.used == chunk.slots:
                 del partial[chunk.index]
         return out

@@ -118,11 +118,12 @@ class DramTier(Tier):
             self._alloc.mark_ready(0)
         self._array: np.ndarray = self._pool.array
         self._data: memoryview = self._pool.data
+        self._read_only = self._data.toreadonly()  # views handed to readers are slices of it
         self._base = self._pool.address  # views carry base + offset (PoolViews)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._stored: dict[BlockKey, _Slot] = {}
-        self._reserved: dict[BlockKey, _Slot] = {}
+        self._reserved: dict[BlockKey, tuple[int, int]] = {}  # (offset, nbytes): a _Slot once committed
         self._used_bytes = 0
         self._copying = 0  # operations copying outside the lock; close waits for them
         self._closed = False
@@ -524,6 +525,7 @@ class DramTier(Tier):
         self._pinned = []
         self._array = np.empty(0, dtype=np.uint8)
         try:
+            self._read_only.release()
             self._data.release()
         except BufferError:
             pass  # slices handed out still refer to it; PoolFile.close says so in the log
@@ -551,7 +553,7 @@ class DramTier(Tier):
             views: list[memoryview | None] = [None] * len(keys)
             reserved, data = self._reserved, self._data
             for i, offset in enumerate(offsets):
-                reserved[keys[i]] = _Slot(offset, nbytes)
+                reserved[keys[i]] = (offset, nbytes)
                 views[i] = data[offset : offset + nbytes]
             addresses = np.zeros(len(keys), dtype=np.uint64)
             addresses[: len(offsets)] = np.asarray(offsets, dtype=np.uint64) + np.uint64(self._base)
@@ -567,14 +569,15 @@ class DramTier(Tier):
                     raise InvalidArgument(f"keys[{i}]: {key!r} has no reservation to commit (reserve it first)")
             fresh = []
             for key in keys:
-                slot = self._reserved.pop(key, None)
-                if slot is None:  # the same key twice in this batch
+                reservation = self._reserved.pop(key, None)
+                if reservation is None:  # the same key twice in this batch
                     continue
+                offset, nbytes = reservation
                 if key in self._stored:
-                    self._alloc.free(slot.offset)
+                    self._alloc.free(offset)
                 else:
-                    self._stored[key] = slot
-                    self._used_bytes += slot.nbytes
+                    self._stored[key] = _Slot(offset, nbytes)
+                    self._used_bytes += nbytes
                     fresh.append(key)
         if self._sealer is not None:
             self._sealer.submit(fresh)
@@ -585,9 +588,9 @@ class DramTier(Tier):
         with self._lock:
             self._check_open()
             for key in keys:
-                slot = self._reserved.pop(key, None)
-                if slot is not None:
-                    self._alloc.free(slot.offset)
+                reservation = self._reserved.pop(key, None)
+                if reservation is not None:
+                    self._alloc.free(reservation[0])
 
     def view(self, keys: Sequence[BlockKey]) -> PoolViews:
         """Read-only views of stored blocks, valid while the caller's lease keeps them stored."""
@@ -607,8 +610,8 @@ class DramTier(Tier):
                     for _, slot in check:
                         self._unread(slot)
             slots = [None if s is not None and id(s) in bad else s for s in slots]
-        data = self._data
-        views = [None if s is None else data[s.offset : s.offset + s.nbytes].toreadonly() for s in slots]
+        data = self._read_only
+        views = [None if s is None else data[s.offset : s.offset + s.nbytes] for s in slots]
         offsets = np.fromiter((-1 if s is None else s.offset for s in slots), dtype=np.int64, count=len(slots))
         addresses = np.where(offsets < 0, 0, offsets + self._base).astype(np.uint64)
         return PoolViews(views, addresses)
