@@ -173,6 +173,8 @@ class LoadHandle:
                 raise DaemonUnavailable("load: the daemon ended the stream before the load finished") from None
             except grpc.RpcError as exc:
                 raise _error(exc, "load") from None
+            except ErrorReply as exc:  # the local socket's form of the same errors
+                raise _error_of(exc.code, exc.detail, "load") from None
             self.layers_done = progress.layers_done
             if progress.done:
                 self.result = LoadResult(tuple(progress.failed_block_ids), progress.bytes)
@@ -388,8 +390,15 @@ class PegaflowClient:
         if not handle.context_id:
             self._register_again(handle, "")
         request = pb.LoadRequest(context_id=handle.context_id, lease_id=lease_id, block_ids=list(block_ids), release_after=release_after)
-        stream = self._stub.Load(request, timeout=max(self.timeout_s, 60.0))
-        return LoadHandle(stream, handle.spec.num_layers)
+        timeout = max(self.timeout_s, 60.0)
+        local = self._local
+        if local is not None:
+            try:
+                return LoadHandle(local.stream("Load", request, timeout), handle.spec.num_layers)
+            except NotSent as exc:  # the daemon exited or restarted: gRPC finds out which
+                log.debug("local socket unusable (%s); back to gRPC", exc)
+                self._drop_local(local)
+        return LoadHandle(self._stub.Load(request, timeout=timeout), handle.spec.num_layers)
 
     def probe_remote(self, handle: ContextHandle, node: str, block_hashes: Sequence[bytes]) -> tuple[int, float]:
         """(bytes, seconds) of the bare transport moving these blocks from ``node``, which holds

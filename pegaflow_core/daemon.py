@@ -94,6 +94,19 @@ def _rpc(method: Callable[..., Any]) -> Callable[..., Any]:
     return unary
 
 
+class _LocalAbort(Exception):
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class _LocalContext:
+    """What a streaming handler uses of its gRPC context when it serves the local socket."""
+
+    async def abort(self, code: grpc.StatusCode, detail: str) -> None:
+        raise _LocalAbort(code, detail)
+
+
 class Servicer(pb_grpc.PegaflowServicer):
     def __init__(self, config: DaemonConfig, stack: TierStack, metrics: Metrics, executor: ThreadPoolExecutor) -> None:
         self.config = config
@@ -128,6 +141,16 @@ class Servicer(pb_grpc.PegaflowServicer):
             return _failure(self, method, exc)
         finally:
             self.metrics.rpc_seconds.labels(method).observe(time.perf_counter() - start)
+
+    async def answer_local_stream(self, method: str, request: Message) -> AsyncIterator[tuple[grpc.StatusCode, Message | str]]:
+        """A streaming request from the local socket (Load): its messages, then an error status if
+        it fails, as the gRPC handler would abort with."""
+        context = _LocalContext()
+        try:
+            async for reply in getattr(self, method)(request, context):
+                yield grpc.StatusCode.OK, reply
+        except _LocalAbort as exc:
+            yield exc.code, exc.detail
 
     # -- liveness -----------------------------------------------------------------------------
     async def Health(self, request: pb.HealthRequest, context: grpc.aio.ServicerContext) -> pb.HealthResponse:
@@ -578,7 +601,7 @@ class Daemon:
                 raise PegaflowError(f"{path!r} is longer than the {MAX_UNIX_PATH} bytes a Unix socket path holds")
             if not explicit:
                 reap_stale(os.path.dirname(path))
-            local = LocalServer(path, self.servicer.answer_local)
+            local = LocalServer(path, self.servicer.answer_local, self.servicer.answer_local_stream)
             await local.start()
         except (OSError, PegaflowError) as exc:
             if explicit:

@@ -25,8 +25,8 @@ from daemon_helpers import SMALL, dram_config
 HASHES = block_hashes(list(range(16 * 6)), 16)
 
 
-class _Recorder(grpc.UnaryUnaryClientInterceptor):
-    """The names of the unary RPCs that went over gRPC."""
+class _Recorder(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """The names of the unary and server-streaming RPCs that went over gRPC."""
 
     def __init__(self) -> None:
         self.methods: list[str] = []
@@ -34,6 +34,8 @@ class _Recorder(grpc.UnaryUnaryClientInterceptor):
     def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
         self.methods.append(details.method.rsplit("/", 1)[-1])
         return continuation(details, request)
+
+    intercept_unary_stream = intercept_unary_unary
 
 
 def recording(client: PegaflowClient) -> _Recorder:
@@ -49,6 +51,10 @@ def one_step(client: PegaflowClient, engine: SimulatedEngine) -> None:
     assert client.save(engine.handle, engine.allocate(6), HASHES).already_present == 6
     hit = client.query(engine.handle, HASHES)
     assert hit.hit_blocks == 6
+    load = client.load(engine.handle, hit.lease_id, engine.allocate(6), release_after=False)
+    load.wait_layer(0)  # layer by layer, as over gRPC
+    result = load.wait()
+    assert not result.failed_block_ids and result.bytes == 6 * SMALL.block_bytes
     assert client.release([hit.lease_id]) == 1
     assert client.health().status == "serving"
 
@@ -76,7 +82,7 @@ def test_a_client_that_does_not_use_the_socket_gets_the_same_answers_over_grpc(g
     recorder = recording(grpc_client)
     one_step(grpc_client, engine)
     assert grpc_client.local_socket is None
-    assert recorder.methods == ["Save", "Save", "Query", "Release", "Health"]
+    assert recorder.methods == ["Save", "Save", "Query", "Load", "Release", "Health"]
 
 
 def test_errors_over_the_socket_are_the_grpc_ones(client, make_engine):
@@ -86,6 +92,9 @@ def test_errors_over_the_socket_are_the_grpc_ones(client, make_engine):
         client.save(engine.handle, [0, 1], HASHES)
     with pytest.raises(NotFound, match=r"query: unknown context 'nope'"):
         client._call("Query", pb.QueryRequest(context_id="nope", block_hashes=HASHES), "query")
+    with pytest.raises(NotFound, match=r"load: unknown or expired lease 'nope'"):
+        client.load(engine.handle, "nope", [0]).wait()
+    one_step(client, engine)  # the connection that carried the failed load serves again
 
 
 def test_a_socket_of_another_daemon_is_not_used(tmp_path):
