@@ -28,7 +28,7 @@ from pegaflow_core.errors import InvalidArgument
 
 from .shapes import PRESETS, ModelShape, tiny
 
-MODES = ("ttft", "share", "restart", "mla")
+MODES = ("ttft", "share", "restart", "mla", "transfer")
 
 # Per size: prompt tokens, prompts, share (engines, requests per engine, system prompts, system
 # tokens, user tokens), tp ranks, warmup tokens.
@@ -78,12 +78,12 @@ class EngineBenchmark:
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("mode", choices=MODES, help="ttft: TTFT cold / warm-DRAM / warm-SSD and vs cached prefix; share: K engines, "
                        "one shared daemon vs private ones; restart: kill -9 the engine, start again; mla: MLA latent "
-                       "cache with TP ranks as processes")
+                       "cache with TP ranks as processes; transfer: save/load GB/s of the KV backend alone")
         p.add_argument("--device", default="auto", help="cuda, cuda:N, cpu or auto (default %(default)s)")
         p.add_argument("--size", choices=("full", "tiny"), help="full model shapes or CPU-test shapes and counts "
                        "(default: full on a GPU, tiny on CPU)")
         p.add_argument("--backend", choices=("pegaflow", "reference"), default="pegaflow",
-                       help="KV backend: pegaflow's daemon, or pegaflow-llm's Rust server (GPU only; modes ttft and restart)")
+                       help="KV backend: pegaflow's daemon, or pegaflow-llm's Rust server (GPU only; modes ttft, restart, transfer)")
         shape = p.add_argument_group("model shape (overrides the preset: llama for ttft/share/restart, mla for mla)")
         for flag in ("layers", "hidden", "q-heads", "kv-heads", "head-dim", "mlp", "vocab", "block-size"):
             shape.add_argument(f"--{flag}", type=int)
@@ -113,6 +113,8 @@ class EngineBenchmark:
             from .modes.share import run
         elif settings.mode == "restart":
             from .modes.restart import run
+        elif settings.mode == "transfer":
+            from .modes.transfer import run
         else:
             from .modes.mla import run
         report = run(settings)
@@ -136,9 +138,9 @@ def resolve(args: argparse.Namespace) -> Settings:
     if device != "cpu" and not device.startswith("cuda"):
         raise InvalidArgument(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     size = args.size or ("full" if device.startswith("cuda") else "tiny")
-    if args.backend == "reference" and (not device.startswith("cuda") or args.mode not in ("ttft", "restart")):
+    if args.backend == "reference" and (not device.startswith("cuda") or args.mode not in ("ttft", "restart", "transfer")):
         raise InvalidArgument("--backend reference runs on a GPU (pegaflow-llm registers CUDA IPC handles only) and for "
-                         "modes ttft and restart")
+                         "modes ttft, restart and transfer")
     preset = PRESETS["mla" if args.mode == "mla" else "llama"]
     base = preset if size == "full" else tiny(preset)
     overrides = {"layers": args.layers, "hidden": args.hidden, "q_heads": args.q_heads, "kv_heads": args.kv_heads,

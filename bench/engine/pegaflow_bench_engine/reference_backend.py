@@ -147,8 +147,10 @@ class _ReferenceLoad:
 class ReferenceBackend:
     name = "reference"
 
-    def __init__(self, endpoint: str, loading_timeout_s: float = 30.0, poll_interval_s: float = 0.002) -> None:
+    def __init__(self, endpoint: str, loading_timeout_s: float = 30.0, poll_interval_s: float = 0.002,
+                 gqa_transfer: str = "direct") -> None:
         self.ref = reference_module()
+        self.gqa_transfer = gqa_transfer  # its transfer backend for K/V caches ("direct" or "kernel"); MLA uses "kernel"
         self.client = self.ref.EngineRpcClient(endpoint)
         self.loading_timeout_s = loading_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -182,7 +184,7 @@ class ReferenceBackend:
         mla = cache.shape.attention == "mla"
         ok, message = self.client.register_context_batch(
             instance_id, namespace, tp_rank, 0, tp_size, tp_size, self.device_id, self.layer_names, wrappers,
-            [cache.num_blocks] * n, per_block, kv_stride, segments, "kernel" if mla else "direct", False)
+            [cache.num_blocks] * n, per_block, kv_stride, segments, "kernel" if mla else self.gqa_transfer, False)
         if not ok:
             raise PegaflowError(f"pegaflow-llm register_context_batch: {message}")
         self.client.start_session_watcher(instance_id, namespace, tp_size, tp_size)

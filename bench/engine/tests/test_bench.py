@@ -55,6 +55,15 @@ def test_restart(tmp_path):
     assert f["pegaflow"]["restart_to_ready_s"] > 0
 
 
+def test_transfer(tmp_path):
+    """The KV backend alone: every round's load is checked byte for byte inside the mode."""
+    done = bench(tmp_path, "transfer", "--prompts", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| direction | median GB/s | best GB/s |" in done.stderr
+    f = json.loads(done.stdout)["figures"]
+    assert f["blocks"] == 10 and f["save_gbps"] > 0 and f["load_gbps"] > 0
+
+
 def test_mla(tmp_path):
     r = report(tmp_path, "mla", "--prompts", "2")
     f = r["figures"]
@@ -68,6 +77,7 @@ def test_mla(tmp_path):
     (("ttft", "--prompt-tokens", "8"), "--prompt-tokens must be at least two blocks (32), got 8"),
     (("ttft", "--pool-size", "lots"), "--pool-size: expected a size like"),
     (("ttft", "--backend", "reference"), "--backend reference runs on a GPU"),
+    (("mla", "--backend", "reference"), "--backend reference runs on a GPU (pegaflow-llm registers CUDA IPC handles only) and for modes ttft, restart and transfer"),
     (("ttft", "--q-heads", "3"), "model shape: q_heads (3) must be a multiple of kv_heads"),
     (("mla", "--tp", "0"), "--tp must be > 0, got 0"),
     (("ttft", "--device", "tpu"), "--device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
