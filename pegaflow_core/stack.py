@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,7 +58,7 @@ class TierStack:
         self.node = node
         self._lock = threading.Lock()
         self._in_flight: set[BlockKey] = set()  # being saved
-        self._promoting: dict[BlockKey, threading.Event] = {}  # being promoted, set when done
+        self._promoting: dict[BlockKey, Future[None]] = {}  # being promoted, done when they are in the top tier
         self._block_bytes: dict[str, int] = {}
         for name, tier in self.tiers:
             metrics.bind_gauge(metrics.tier_capacity.labels(name), lambda t=tier: t.usage().capacity_bytes)
@@ -370,14 +371,21 @@ class TierStack:
         mine, waits, done = self._claim(keys)
         if mine:
             self._promote_and_unclaim(mine, nbytes, done)
-        for event in waits:
-            event.wait(PROMOTION_WAIT_S)
+        if waits:
+            wait(waits, PROMOTION_WAIT_S)
         return self.top[1].view(keys)
 
-    def _claim(self, keys: Sequence[BlockKey]) -> tuple[list[BlockKey], set[threading.Event], threading.Event]:
-        """Claim the keys no thread is promoting yet: returns them, the events of the promotions
-        already under way for the others, and the event set when the claimed ones are done."""
-        done = threading.Event()
+    def promotions(self, keys: Sequence[BlockKey]) -> set[Future[None]]:
+        """The promotions under way for any of ``keys``: each future is done once its blocks are
+        in the top tier (or failed to get there). A Query that may wait waits on these."""
+        with self._lock:
+            return {self._promoting[k] for k in keys if k in self._promoting}
+
+    def _claim(self, keys: Sequence[BlockKey]) -> tuple[list[BlockKey], set[Future[None]], Future[None]]:
+        """Claim the keys no thread is promoting yet: returns them, the futures of the promotions
+        already under way for the others, and the future done when the claimed ones are."""
+        done: Future[None] = Future()
+        done.set_running_or_notify_cancel()  # running: a waiter can never cancel it for the others
         with self._lock:
             waits = {self._promoting[k] for k in keys if k in self._promoting}
             mine = [k for k in keys if k not in self._promoting]
@@ -385,17 +393,17 @@ class TierStack:
                 self._promoting[key] = done
         return mine, waits, done
 
-    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: threading.Event) -> None:
+    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: Future[None]) -> None:
         try:
             self._promote_claimed(keys, nbytes)
         finally:
             self._unclaim(keys, done)
 
-    def _unclaim(self, keys: list[BlockKey], done: threading.Event) -> None:
+    def _unclaim(self, keys: list[BlockKey], done: Future[None]) -> None:
         with self._lock:
             for key in keys:
                 del self._promoting[key]
-        done.set()
+        done.set_result(None)
 
     def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> None:
         name, top = self.top
