@@ -24,6 +24,7 @@ from .errors import InvalidArgument, PegaflowError
 from .index import Index, Lease, Location
 from .keys import BlockKey
 from .metrics import Metrics
+from .node_index import NodeIndex
 from .tier import Tier
 
 log = logging.getLogger("pegaflow.stack")
@@ -394,10 +395,13 @@ class TierStack:
         return mine, waits, done
 
     def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: Future[None]) -> None:
+        publish: list[tuple[BlockKey, Location]] = []
         try:
-            self._promote_claimed(keys, nbytes)
+            self._promote_claimed(keys, nbytes, publish)
         finally:
             self._unclaim(keys, done)
+        if publish:
+            self.index.publish(publish)
 
     def _unclaim(self, keys: list[BlockKey], done: Future[None]) -> None:
         with self._lock:
@@ -405,7 +409,10 @@ class TierStack:
                 del self._promoting[key]
         done.set_result(None)
 
-    def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> None:
+    def _promote_claimed(self, keys: list[BlockKey], nbytes: int, publish: list[tuple[BlockKey, Location]]) -> None:
+        """Promote ``keys``; with a cluster index, what must still be told to the cluster is left
+        in ``publish``: the caller does it after the waiters are woken (the blocks are served from
+        this node's index already, and a Redis round trip would only delay them)."""
         name, top = self.top
         keys = [k for k, here in zip(keys, top.contains(keys)) if not here]  # arrived since they were missed
         if not keys:
@@ -420,7 +427,12 @@ class TierStack:
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done])
-                self.index.insert([(keys[i], location) for i in done])
+                entries = [(keys[i], location) for i in done]
+                if isinstance(self.index, NodeIndex):
+                    self.index.insert_here(entries)
+                    publish.extend(entries)
+                else:
+                    self.index.insert(entries)
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:
