@@ -81,6 +81,34 @@ class Transport(Backend, ABC):
     def write(self, ops: Sequence[TransferOp], timeout_s: float = 30.0) -> Future[None]:
         """Copy local → remote for every op; one future for the whole batch."""
 
+    def read_reporting(self, ops: Sequence[TransferOp], arrived: Callable[[int], None],
+                       timeout_s: float = 30.0) -> Future[None]:
+        """``read``, calling ``arrived(i)`` (on a transport thread) once the bytes of ``ops[i]``
+        are in place, before the future completes: a caller checks or uses the first blocks of
+        one large read while the rest still move, instead of splitting it into many reads. Ops
+        of a read that fails may be reported or not; the future says it failed either way. An
+        exception raised by ``arrived`` fails the read.
+
+        This default reports every op when the whole batch has arrived; a transport that
+        completes ops one by one (in order or not) overrides it."""
+        inner = self.read(ops, timeout_s)
+        outer: Future[None] = Future()
+        outer.set_running_or_notify_cancel()
+        count = len(ops)
+
+        def finish(done: Future[None]) -> None:
+            try:
+                done.result()
+                for i in range(count):
+                    arrived(i)
+            except BaseException as exc:  # the read's error, or the callback's
+                outer.set_exception(exc)
+            else:
+                outer.set_result(None)
+
+        inner.add_done_callback(finish)
+        return outer
+
     @abstractmethod
     def close(self) -> None:
         """Close connections and stop serving regions."""
