@@ -278,9 +278,11 @@ class Servicer(pb_grpc.PegaflowServicer):
             # Wait for the promotions themselves (no polling), then answer afresh: the blocks
             # that arrived are this node's own hits now, leased here.
             promotions = self.stack.promotions(lease.keys)
-            if promotions:
-                await asyncio.wait([asyncio.wrap_future(f) for f in promotions], timeout=request.wait_s)
-            self._release(lease.lease_id)
+            try:
+                if promotions:
+                    await asyncio.wait([asyncio.wrap_future(f) for f in promotions], timeout=request.wait_s)
+            finally:  # also when the caller went away meanwhile: the lease is nobody's
+                self._release(lease.lease_id)
             lease, loading = self._query(keys, ttl, owner, ctx)
         if lease.hits == 0:
             return pb.QueryResponse(hit_blocks=0)
