@@ -177,7 +177,8 @@ class LoopbackTransport(Transport):
 
     def read_reporting(self, ops: Sequence[TransferOp], arrived: Callable[[int], None],
                        timeout_s: float = 30.0) -> Future[None]:
-        """``read``, reporting each op as soon as its bytes are in place (answers come in order)."""
+        """``read``, reporting each op as soon as its bytes are in place (answers come in order),
+        on the worker thread that received them."""
         return self._submit(_READ, ops, timeout_s, arrived)
 
     def write(self, ops: Sequence[TransferOp], timeout_s: float = 30.0) -> Future[None]:
