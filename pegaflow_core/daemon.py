@@ -277,13 +277,15 @@ class Servicer(pb_grpc.PegaflowServicer):
         if loading and request.wait_s > 0:
             # Wait for the promotions themselves (no polling), then answer afresh: the blocks
             # that arrived are this node's own hits now, leased here.
-            promotions = self.stack.promotions(lease.keys)
+            first = lease
             try:
+                promotions = self.stack.promotions(first.keys)
                 if promotions:
                     await asyncio.wait([asyncio.wrap_future(f) for f in promotions], timeout=request.wait_s)
-            finally:  # also when the caller went away meanwhile: the lease is nobody's
-                self._release(lease.lease_id)
-            lease, loading = self._query(keys, ttl, owner, ctx)
+                lease, loading = self._query(keys, ttl, owner, ctx)
+            finally:  # also when the caller went away meanwhile: the first lease is nobody's
+                self.leases.pop(first.lease_id, None)
+                self.executor.submit(self.stack.release, first.lease_id)  # off the answer's path (Redis)
         if lease.hits == 0:
             return pb.QueryResponse(hit_blocks=0)
         return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading)
