@@ -307,7 +307,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         lease keeps them pinned meanwhile; a Load before it finishes waits for that promotion.
         Hits a device-I/O tier reads straight into this engine's GPU memory stay where they are."""
         device_memory = ctx.memory is not None and ctx.memory.device_memory
-        return self.stack.start_promotion(lease.keys, ctx.block_bytes, self.executor.submit, device_memory)
+        return self.stack.start_promotion(lease.keys, ctx.block_bytes, self.executor.submit, device_memory,
+                                          lease.locations)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
         start = time.perf_counter()

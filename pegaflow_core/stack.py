@@ -263,7 +263,8 @@ class TierStack:
 
     # -- load ---------------------------------------------------------------------------------
     def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any],
-                        device_memory: bool = False) -> bool:
+                        device_memory: bool = False,
+                        locations: Sequence[Sequence[Location]] | None = None) -> bool:
         """Start bringing the blocks of ``keys`` held only in lower tiers up into the top tier on
         ``submit`` (an executor's submit); return whether any of them is still on its way up.
         Blocks a direct-route tier will read straight into the engine's GPU memory at Load
@@ -272,7 +273,8 @@ class TierStack:
         Blocks are claimed here, before the work is queued: an engine polls its Query while the
         answer is "loading", and every poll must not queue another copy of the same promotion
         (those re-read the blocks from the SSD and hold the executor's threads). Callers hold a
-        lease on ``keys``."""
+        lease on ``keys``; ``locations`` are the lease's, handed to the lower tiers so that they
+        need not look the keys up again."""
         absent = self._absent_from_top(keys)
         direct = {i for positions in self._direct_holders(keys, device_memory, absent).values() for i in positions}
         missing = [keys[i] for i in absent if i not in direct]
@@ -280,8 +282,9 @@ class TierStack:
             return False
         mine, _, done = self._claim(missing)
         if mine:
+            where = None if locations is None else dict(zip(keys, locations))
             try:
-                submit(self._promote_and_unclaim, mine, nbytes, done)
+                submit(self._promote_and_unclaim, mine, nbytes, done, where)
             except BaseException:
                 self._unclaim(mine, done)
                 raise
@@ -394,10 +397,11 @@ class TierStack:
                 self._promoting[key] = done
         return mine, waits, done
 
-    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: Future[None]) -> None:
+    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: Future[None],
+                             where: dict[BlockKey, Sequence[Location]] | None = None) -> None:
         publish: list[tuple[BlockKey, Location]] = []
         try:
-            self._promote_claimed(keys, nbytes, publish)
+            self._promote_claimed(keys, nbytes, publish, where)
         finally:
             self._unclaim(keys, done)
         if publish:
@@ -409,10 +413,12 @@ class TierStack:
                 del self._promoting[key]
         done.set_result(None)
 
-    def _promote_claimed(self, keys: list[BlockKey], nbytes: int, publish: list[tuple[BlockKey, Location]]) -> None:
+    def _promote_claimed(self, keys: list[BlockKey], nbytes: int, publish: list[tuple[BlockKey, Location]],
+                         where: dict[BlockKey, Sequence[Location]] | None = None) -> None:
         """Promote ``keys``; with a cluster index, what must still be told to the cluster is left
         in ``publish``: the caller does it after the waiters are woken (the blocks are served from
-        this node's index already, and a Redis round trip would only delay them)."""
+        this node's index already, and a Redis round trip would only delay them). ``where``: the
+        keys' locations from the caller's lease, if it has them."""
         name, top = self.top
         keys = [k for k, here in zip(keys, top.contains(keys)) if not here]  # arrived since they were missed
         if not keys:
@@ -423,7 +429,11 @@ class TierStack:
         for lower_name, lower in self.tiers[1:]:
             if not pending:
                 break
-            hits = lower.get_into([keys[i] for i in pending], [slots[i] for i in pending])
+            wanted = [keys[i] for i in pending]
+            if where is None:
+                hits = lower.get_into(wanted, [slots[i] for i in pending])
+            else:
+                hits = lower.get_into_located(wanted, [slots[i] for i in pending], [where.get(k, ()) for k in wanted])
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done])

@@ -177,3 +177,11 @@ def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
             on_b.probe_remote(prober.handle, "zz", hashes)
         saver.close()
         prober.close()
+
+
+def test_the_remote_tier_refuses_locations_that_do_not_match_the_keys():
+    from pegaflow_core.default_plugins.remote import RemoteTier
+    from pegaflow_core.keys import BlockKey
+
+    with pytest.raises(InvalidArgument, match=r"locations: expected one entry per key \(1\), got 0"):
+        RemoteTier().get_into_located([BlockKey("ns", b"k")], [bytearray(8)], [])

@@ -97,6 +97,19 @@ class RemoteTier(Tier):
         return TierUsage(0, 0, 0)
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
+        return self._get_into(keys, dests, None)
+
+    def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
+                         locations: Sequence[Sequence[Any]]) -> list[bool]:
+        """``get_into`` with the owners the Query's lease found: no second cluster lookup. A
+        location that went stale since is a miss, as it would be after a lookup (the owner's Pin
+        says it no longer holds the block)."""
+        if len(locations) != len(keys):
+            raise InvalidArgument(f"locations: expected one entry per key ({len(keys)}), got {len(locations)}")
+        return self._get_into(keys, dests, locations)
+
+    def _get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
+                  locations: Sequence[Sequence[Any]] | None) -> list[bool]:
         self._check_open()
         keys = check_keys(keys)
         if len(keys) != len(dests):
@@ -104,7 +117,7 @@ class RemoteTier(Tier):
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
         context = self._ctx()
         by_owner: dict[str, list[int]] = {}
-        for i, locs in enumerate(context.index.lookup(keys)):
+        for i, locs in enumerate(context.index.lookup(keys) if locations is None else locations):
             owners = self._owners(locs)
             if owners:
                 by_owner.setdefault(owners[0], []).append(i)
