@@ -26,8 +26,9 @@ class AsyncPegaflowClient:
     async def save(self, handle: ContextHandle, block_ids: Sequence[int], block_hashes: Sequence[bytes]) -> SaveResult:
         return await asyncio.to_thread(self.sync.save, handle, block_ids, block_hashes)
 
-    async def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0) -> QueryResult:
-        return await asyncio.to_thread(self.sync.query, handle, block_hashes, lease_ttl_s)
+    async def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0,
+                    wait_s: float = 0.0) -> QueryResult:
+        return await asyncio.to_thread(self.sync.query, handle, block_hashes, lease_ttl_s, wait_s)
 
     async def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:
         return await asyncio.to_thread(self.sync.load, handle, lease_id, block_ids, release_after)

@@ -11,6 +11,7 @@ the same ``ContextHandle``, so callers never see the new ids.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -287,19 +288,20 @@ class PegaflowClient:
                 self._local = None
             channel.close()
 
-    def _with_context(self, handle: ContextHandle, method: str, make: object, what: str) -> object:
+    def _with_context(self, handle: ContextHandle, method: str, make: object, what: str,
+                      timeout: float | None = None) -> object:
         """Call with the handle's current id; on 'unknown context' (daemon restarted) register
         again and retry once."""
         seen = handle.context_id
         if not seen:
             self._register_again(handle, seen)
         try:
-            return self._call(method, make(handle.context_id), what)
+            return self._call(method, make(handle.context_id), what, timeout)
         except NotFound as exc:
             if "unknown context" not in str(exc):
                 raise
             self._register_again(handle, seen)
-            return self._call(method, make(handle.context_id), what)
+            return self._call(method, make(handle.context_id), what, timeout)
 
     def _register_again(self, handle: ContextHandle, seen: str) -> None:
         """Register ``handle`` unless another thread did since its id was ``seen``: after a daemon
@@ -374,16 +376,23 @@ class PegaflowClient:
         reply = self._with_context(handle, "Save", request, "save")
         return SaveResult(reply.stored, reply.already_present, reply.dropped)
 
-    def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0) -> QueryResult:
+    def query(self, handle: ContextHandle, block_hashes: Sequence[bytes], lease_ttl_s: float = 0.0,
+              wait_s: float = 0.0) -> QueryResult:
+        """Lease the longest cached prefix. ``loading`` in the answer: some of it is still being
+        promoted from a lower tier or another node; ask again. With ``wait_s`` > 0 the daemon
+        waits up to that long for those blocks first, so a caller that can block gets them
+        without polling."""
         packed = pack_hashes(block_hashes)
 
         def request(cid: str) -> pb.QueryRequest:
             if packed is None or not handle.packed_keys:
-                return pb.QueryRequest(context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s)
+                return pb.QueryRequest(context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s,
+                                       wait_s=wait_s)
             return pb.QueryRequest(context_id=cid, packed_block_hashes=packed[0], hash_bytes=packed[1],
-                                   lease_ttl_s=lease_ttl_s)
+                                   lease_ttl_s=lease_ttl_s, wait_s=wait_s)
 
-        reply = self._with_context(handle, "Query", request, "query")
+        waits = wait_s if isinstance(wait_s, (int, float)) and 0 < wait_s < math.inf else 0.0  # the daemon judges the value
+        reply = self._with_context(handle, "Query", request, "query", self.timeout_s + waits)
         return QueryResult(reply.hit_blocks, reply.lease_id, reply.loading)
 
     def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:

@@ -47,6 +47,7 @@ from .tier import StackContext
 log = logging.getLogger("pegaflow.daemon")
 
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_QUERY_WAIT_S = 60.0  # the longest a Query may wait for hits still being promoted
 _STATUS = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -316,13 +317,36 @@ class Servicer(pb_grpc.PegaflowServicer):
         ttl = request.lease_ttl_s or self.config.server.lease_ttl
         if ttl < 0:
             raise InvalidArgument(f"lease_ttl_s must be >= 0, got {ttl}")
-        lease = self.stack.acquire(keys, ttl, owner=ctx.session_id or ctx.context_id)
+        if not 0 <= request.wait_s <= MAX_QUERY_WAIT_S:
+            raise InvalidArgument(f"wait_s must be between 0 and {MAX_QUERY_WAIT_S:g} seconds, got {request.wait_s}")
+        owner = ctx.session_id or ctx.context_id
+        lease, loading = self._query(keys, ttl, owner, ctx)
+        if loading and request.wait_s > 0:
+            # Wait for the promotions themselves (no polling), then answer afresh: the blocks
+            # that arrived are this node's own hits now, leased here.
+            first = lease
+            try:
+                promotions = self.stack.promotions(first.keys)
+                if promotions:
+                    await asyncio.wait([asyncio.wrap_future(f) for f in promotions], timeout=request.wait_s)
+                lease, loading = self._query(keys, ttl, owner, ctx)
+            finally:  # also when the caller went away meanwhile: the first lease is nobody's
+                self.leases.pop(first.lease_id, None)
+                self.executor.submit(self.stack.release, first.lease_id)  # off the answer's path (Redis)
+        if lease.hits == 0:
+            return pb.QueryResponse(hit_blocks=0)
+        return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading)
+
+    def _query(self, keys: list[BlockKey], ttl: float, owner: str, ctx: EngineContext) -> tuple[Lease, bool]:
+        """Lease the cached prefix of ``keys`` and start promoting its blocks held only lower
+        down; returns the lease (released already when it holds nothing) and whether any of them
+        is still on its way up."""
+        lease = self.stack.acquire(keys, ttl, owner=owner)
         if lease.hits == 0:
             self.stack.release(lease.lease_id)
-            return pb.QueryResponse(hit_blocks=0)
+            return lease, False
         self.leases[lease.lease_id] = lease
-        loading = self._start_promotion(lease, ctx) if len(self.stack.tiers) > 1 else False
-        return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading)
+        return lease, self._start_promotion(lease, ctx) if len(self.stack.tiers) > 1 else False
 
     def _start_promotion(self, lease: Lease, ctx: EngineContext) -> bool:
         """If some hit blocks are only in lower tiers (SSD), promote them in the background and
@@ -330,7 +354,8 @@ class Servicer(pb_grpc.PegaflowServicer):
         lease keeps them pinned meanwhile; a Load before it finishes waits for that promotion.
         Hits a device-I/O tier reads straight into this engine's GPU memory stay where they are."""
         device_memory = ctx.memory is not None and ctx.memory.device_memory
-        return self.stack.start_promotion(lease.keys, ctx.block_bytes, self.executor.submit, device_memory)
+        return self.stack.start_promotion(lease.keys, ctx.block_bytes, self.executor.submit, device_memory,
+                                          lease.locations)
 
     async def Load(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LoadProgress]:
         start = time.perf_counter()

@@ -50,7 +50,16 @@ class NodeIndex(Index):
         return result
 
     def insert(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        self.insert_here(entries)
+        self.publish(entries)
+
+    def insert_here(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        """The local half of ``insert``: this node serves the blocks from now on. ``publish``
+        tells the cluster; a caller with someone waiting on the blocks does that afterwards."""
         self.local.insert(entries)
+
+    def publish(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        """The cluster half of ``insert`` (best effort, like every cluster write)."""
         self._cluster_call("insert", lambda: self.cluster.insert(entries), None)
 
     def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from .index import Index, Lease, Location
 from .keys import BlockKey
 from .memory import Landed
 from .metrics import Metrics
+from .node_index import NodeIndex
 from .tier import Tier
 
 log = logging.getLogger("pegaflow.stack")
@@ -59,7 +61,7 @@ class TierStack:
         self.node = node
         self._lock = threading.Lock()
         self._in_flight: set[BlockKey] = set()  # being saved
-        self._promoting: dict[BlockKey, threading.Event] = {}  # being promoted, set when done
+        self._promoting: dict[BlockKey, Future[None]] = {}  # being promoted, done when they are in the top tier
         self._block_bytes: dict[str, int] = {}
         for name, tier in self.tiers:
             metrics.bind_gauge(metrics.tier_capacity.labels(name), lambda t=tier: t.usage().capacity_bytes)
@@ -277,7 +279,8 @@ class TierStack:
 
     # -- load ---------------------------------------------------------------------------------
     def start_promotion(self, keys: Sequence[BlockKey], nbytes: int, submit: Callable[..., Any],
-                        device_memory: bool = False) -> bool:
+                        device_memory: bool = False,
+                        locations: Sequence[Sequence[Location]] | None = None) -> bool:
         """Start bringing the blocks of ``keys`` held only in lower tiers up into the top tier on
         ``submit`` (an executor's submit); return whether any of them is still on its way up.
         Blocks a direct-route tier will read straight into the engine's GPU memory at Load
@@ -286,7 +289,8 @@ class TierStack:
         Blocks are claimed here, before the work is queued: an engine polls its Query while the
         answer is "loading", and every poll must not queue another copy of the same promotion
         (those re-read the blocks from the SSD and hold the executor's threads). Callers hold a
-        lease on ``keys``."""
+        lease on ``keys``; ``locations`` are the lease's, handed to the lower tiers so that they
+        need not look the keys up again."""
         absent = self._absent_from_top(keys)
         direct = {i for positions in self._direct_holders(keys, device_memory, absent).values() for i in positions}
         missing = [keys[i] for i in absent if i not in direct]
@@ -294,8 +298,9 @@ class TierStack:
             return False
         mine, _, done = self._claim(missing)
         if mine:
+            where = None if locations is None else dict(zip(keys, locations))
             try:
-                submit(self._promote_and_unclaim, mine, nbytes, done)
+                submit(self._promote_and_unclaim, mine, nbytes, done, where)
             except BaseException:
                 self._unclaim(mine, done)
                 raise
@@ -386,14 +391,21 @@ class TierStack:
         mine, waits, done = self._claim(keys)
         if mine:
             self._promote_and_unclaim(mine, nbytes, done)
-        for event in waits:
-            event.wait(PROMOTION_WAIT_S)
+        if waits:
+            wait(waits, PROMOTION_WAIT_S)
         return self.top[1].view(keys)
 
-    def _claim(self, keys: Sequence[BlockKey]) -> tuple[list[BlockKey], set[threading.Event], threading.Event]:
-        """Claim the keys no thread is promoting yet: returns them, the events of the promotions
-        already under way for the others, and the event set when the claimed ones are done."""
-        done = threading.Event()
+    def promotions(self, keys: Sequence[BlockKey]) -> set[Future[None]]:
+        """The promotions under way for any of ``keys``: each future is done once its blocks are
+        in the top tier (or failed to get there). A Query that may wait waits on these."""
+        with self._lock:
+            return {self._promoting[k] for k in keys if k in self._promoting}
+
+    def _claim(self, keys: Sequence[BlockKey]) -> tuple[list[BlockKey], set[Future[None]], Future[None]]:
+        """Claim the keys no thread is promoting yet: returns them, the futures of the promotions
+        already under way for the others, and the future done when the claimed ones are."""
+        done: Future[None] = Future()
+        done.set_running_or_notify_cancel()  # running: a waiter can never cancel it for the others
         with self._lock:
             waits = {self._promoting[k] for k in keys if k in self._promoting}
             mine = [k for k in keys if k not in self._promoting]
@@ -401,19 +413,28 @@ class TierStack:
                 self._promoting[key] = done
         return mine, waits, done
 
-    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: threading.Event) -> None:
+    def _promote_and_unclaim(self, keys: list[BlockKey], nbytes: int, done: Future[None],
+                             where: dict[BlockKey, Sequence[Location]] | None = None) -> None:
+        publish: list[tuple[BlockKey, Location]] = []
         try:
-            self._promote_claimed(keys, nbytes)
+            self._promote_claimed(keys, nbytes, publish, where)
         finally:
             self._unclaim(keys, done)
+        if publish:
+            self.index.publish(publish)
 
-    def _unclaim(self, keys: list[BlockKey], done: threading.Event) -> None:
+    def _unclaim(self, keys: list[BlockKey], done: Future[None]) -> None:
         with self._lock:
             for key in keys:
                 del self._promoting[key]
-        done.set()
+        done.set_result(None)
 
-    def _promote_claimed(self, keys: list[BlockKey], nbytes: int) -> None:
+    def _promote_claimed(self, keys: list[BlockKey], nbytes: int, publish: list[tuple[BlockKey, Location]],
+                         where: dict[BlockKey, Sequence[Location]] | None = None) -> None:
+        """Promote ``keys``; with a cluster index, what must still be told to the cluster is left
+        in ``publish``: the caller does it after the waiters are woken (the blocks are served from
+        this node's index already, and a Redis round trip would only delay them). ``where``: the
+        keys' locations from the caller's lease, if it has them."""
         name, top = self.top
         keys = [k for k, here in zip(keys, top.contains(keys)) if not here]  # arrived since they were missed
         if not keys:
@@ -424,11 +445,20 @@ class TierStack:
         for lower_name, lower in self.tiers[1:]:
             if not pending:
                 break
-            hits = lower.get_into([keys[i] for i in pending], [slots[i] for i in pending])
+            wanted = [keys[i] for i in pending]
+            if where is None:
+                hits = lower.get_into(wanted, [slots[i] for i in pending])
+            else:
+                hits = lower.get_into_located(wanted, [slots[i] for i in pending], [where.get(k, ()) for k in wanted])
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done])
-                self.index.insert([(keys[i], location) for i in done])
+                entries = [(keys[i], location) for i in done]
+                if isinstance(self.index, NodeIndex):
+                    self.index.insert_here(entries)
+                    publish.extend(entries)
+                else:
+                    self.index.insert(entries)
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:

@@ -25,7 +25,7 @@ from .errors import PluginError
 from .keys import BlockKey
 
 if TYPE_CHECKING:
-    from .index import Index
+    from .index import Index, Location
     from .transport import Region, Transport
 
 
@@ -96,6 +96,13 @@ class Tier(Backend, ABC):
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
         """Copy each stored block into the writable buffer beside it; ``False`` for a miss.
         A destination whose size differs from the stored block raises InvalidArgument."""
+
+    def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
+                         locations: Sequence[Sequence[Location]]) -> list[bool]:
+        """``get_into``, told where the index placed each key a moment ago (``locations[i]`` for
+        ``keys[i]``, from the caller's lease): a tier that would look its keys up in the index
+        (the remote tier, in Redis) skips that round trip. The default ignores them."""
+        return self.get_into(keys, dests)
 
     @abstractmethod
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:

@@ -10,9 +10,10 @@ return a ``concurrent.futures.Future`` (usable from threads, and from asyncio th
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,36 @@ class Transport(Backend, ABC):
     @abstractmethod
     def write(self, ops: Sequence[TransferOp], timeout_s: float = 30.0) -> Future[None]:
         """Copy local → remote for every op; one future for the whole batch."""
+
+    def read_reporting(self, ops: Sequence[TransferOp], arrived: Callable[[int], None],
+                       timeout_s: float = 30.0) -> Future[None]:
+        """``read``, calling ``arrived(i)`` once the bytes of ``ops[i]`` are in place, before the
+        future completes: a caller checks or uses the first blocks of one large read while the
+        rest still move, instead of splitting it into many reads. ``arrived`` runs on a thread
+        that is not the caller's (it may do real work, e.g. a checksum); ops of a read that fails
+        may be reported or not, and the future says it failed either way. An exception raised by
+        ``arrived`` fails the read.
+
+        This default reports every op when the whole batch has arrived, on a helper thread, so
+        the caller's work never runs on a transport's progress thread; a transport that
+        completes ops one by one (in order or not) overrides it."""
+        inner = self.read(ops, timeout_s)
+        outer: Future[None] = Future()
+        outer.set_running_or_notify_cancel()
+        count = len(ops)
+
+        def report() -> None:
+            try:
+                inner.result()
+                for i in range(count):
+                    arrived(i)
+            except BaseException as exc:  # the read's error, or the callback's
+                outer.set_exception(exc)
+            else:
+                outer.set_result(None)
+
+        inner.add_done_callback(lambda _: _reporter().submit(report))
+        return outer
 
     @abstractmethod
     def close(self) -> None:
@@ -155,6 +186,20 @@ def plan_ops(
             )
         planned.append(PlannedOp(i, local[local_offset : local_offset + length], remote.address, described, remote_offset, length))
     return planned, peers
+
+
+_REPORTER: ThreadPoolExecutor | None = None
+_REPORTER_LOCK = threading.Lock()
+
+
+def _reporter() -> ThreadPoolExecutor:
+    """The threads that run ``arrived`` for transports without per-op completion (made on first
+    use: most processes never need them)."""
+    global _REPORTER
+    with _REPORTER_LOCK:
+        if _REPORTER is None:
+            _REPORTER = ThreadPoolExecutor(max_workers=2, thread_name_prefix="pegaflow-read-report")
+        return _REPORTER
 
 
 def check_timeout(timeout_s: Any, what: str) -> float:

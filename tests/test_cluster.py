@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -68,6 +69,43 @@ def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
         assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
         again = loader.prefill(prompt(1), verify=True)  # now local on b
         assert again.hit_blocks == 12
+        saver.close()
+        loader.close()
+
+
+def test_a_query_that_waits_answers_once_the_remote_blocks_are_here(redis):
+    with two_nodes(redis, "wait") as (on_a, saver, on_b, loader):
+        saver.prefill(prompt(7))
+        hashes = block_hashes(prompt(7), SMALL.block_size)
+        hit = on_b.query(loader.handle, hashes, wait_s=10)  # one Query, no polling
+        assert hit.hit_blocks == 12 and not hit.loading
+        assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
+        on_b.release([hit.lease_id])
+        got = loader.prefill(prompt(7), verify=True)  # b's own blocks now: no second fetch
+        assert got.hit_blocks == 12 and got.failed_blocks == 0
+        assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
+        deadline = time.monotonic() + 5  # the fetch did not wait for its Release; the pin ends soon after
+        while on_a.stats().pinned_blocks and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert on_a.stats().pinned_blocks == 0
+        for wait_s in (-1.0, 61.0, float("nan")):
+            with pytest.raises(InvalidArgument, match="wait_s must be between 0 and 60 seconds"):
+                on_b.query(loader.handle, hashes, wait_s=wait_s)
+        saver.close()
+        loader.close()
+
+
+def test_a_query_waits_no_longer_than_asked(redis):
+    slow = "{kind: faulty, latency: 1s, inner: {kind: loopback}}"
+    with two_nodes(redis, "slow", transport_b=slow) as (on_a, saver, on_b, loader):
+        saver.prefill(prompt(8))
+        hashes = block_hashes(prompt(8), SMALL.block_size)
+        started = time.monotonic()
+        hit = on_b.query(loader.handle, hashes, wait_s=0.2)
+        assert hit.loading and hit.hit_blocks == 12 and time.monotonic() - started < 0.9
+        again = on_b.query(loader.handle, hashes, wait_s=10)
+        on_b.release([hit.lease_id])
+        assert again.hit_blocks == 12 and not again.loading
         saver.close()
         loader.close()
 
@@ -139,3 +177,11 @@ def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
             on_b.probe_remote(prober.handle, "zz", hashes)
         saver.close()
         prober.close()
+
+
+def test_the_remote_tier_refuses_locations_that_do_not_match_the_keys():
+    from pegaflow_core.default_plugins.remote import RemoteTier
+    from pegaflow_core.keys import BlockKey
+
+    with pytest.raises(InvalidArgument, match=r"locations: expected one entry per key \(1\), got 0"):
+        RemoteTier().get_into_located([BlockKey("ns", b"k")], [bytearray(8)], [])

@@ -26,7 +26,7 @@ NODE_HEAD = textwrap.dedent(
     """
     import sys, random, time
     sys.path.insert(0, {tests!r})
-    from daemon_helpers import SMALL
+    from daemon_helpers import {shape} as SHAPE
     from pegaflow_core.client import PegaflowClient
     from pegaflow_core.launcher import DaemonProcess
     from pegaflow_core.sim_engine import SimulatedEngine
@@ -34,7 +34,7 @@ NODE_HEAD = textwrap.dedent(
     server: {{listen: '{host}:{port}', node: {node}}}
     index: {{kind: redis, url: 'redis://{a}:{redis_port}/0', node: {node}, key_prefix: {prefix}}}
     transport: {{kind: loopback, host: {host}}}
-    tiers: [{{kind: dram, capacity: 16mb, chunk: 1mb}}, {remote}]
+    tiers: [{{kind: dram, capacity: {capacity}, chunk: 1mb}}, {remote}]
     '''
     """
 )
@@ -42,7 +42,7 @@ NODE_HEAD = textwrap.dedent(
 NODE_A = NODE_HEAD + textwrap.dedent(
     """
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint) as client:
-        engine = SimulatedEngine(client, SMALL, model="netns", instance_id="a0")
+        engine = SimulatedEngine(client, SHAPE, model="netns", instance_id="a0")
         rng = random.Random(7)
         print("SAVED", engine.prefill([rng.randrange(32000) for _ in range(16 * 10)]).saved_blocks, flush=True)
         sys.stdin.read()
@@ -53,7 +53,7 @@ NODE_A = NODE_HEAD + textwrap.dedent(
 NODE_B = NODE_HEAD + textwrap.dedent(
     """
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint) as client:
-        engine = SimulatedEngine(client, SMALL, model="netns", instance_id="b0")
+        engine = SimulatedEngine(client, SHAPE, model="netns", instance_id="b0")
         rng = random.Random(7)
         got = engine.prefill([rng.randrange(32000) for _ in range(16 * 10)], verify=True)
         remote = client.stats().counters.get("bytes_total{{direction=promote,tier=remote}}", 0)
@@ -63,10 +63,13 @@ NODE_B = NODE_HEAD + textwrap.dedent(
 )
 
 
-def node_script(template: str, node: str, port: int, redis_port: int, prefix: str, remote: str = "{kind: remote}") -> str:
-    """A node's script: ``template`` filled in for node ``node`` ("a" or "b") of this test's hosts."""
+def node_script(template: str, node: str, port: int, redis_port: int, prefix: str, remote: str = "{kind: remote}",
+                shape: str = "SMALL", capacity: str = "16mb") -> str:
+    """A node's script: ``template`` filled in for node ``node`` ("a" or "b") of this test's hosts;
+    ``shape`` names a KV shape of daemon_helpers."""
     return template.format(tests=os.path.dirname(__file__), node=node, host=A_IP if node == "a" else B_IP, a=A_IP,
-                           port=port, redis_port=redis_port, prefix=prefix, remote=remote)
+                           port=port, redis_port=redis_port, prefix=prefix, remote=remote, shape=shape,
+                           capacity=capacity)
 
 
 def redis_in(ns: str, port: int, tmp_path) -> subprocess.Popen:
@@ -138,7 +141,7 @@ KILL_A = NODE_A.replace('print("SAVED", engine.prefill([rng.randrange(32000) for
 KILL_B = NODE_HEAD + textwrap.dedent(
     """
     with DaemonProcess(config) as daemon, PegaflowClient(daemon.endpoint, timeout_s=60) as client:
-        engine = SimulatedEngine(client, SMALL, model="netns", instance_id="b0")
+        engine = SimulatedEngine(client, SHAPE, model="netns", instance_id="b0")
         rng = random.Random(7)  # the same prompt node a saved
         tokens = [rng.randrange(32000) for _ in range(16 * 40)]
         print("READY", flush=True)
@@ -156,9 +159,11 @@ KILL_B = NODE_HEAD + textwrap.dedent(
 
 def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_path):
     """Kill -9 of the owner while its bytes are on the wire: node a's side of the veth is shaped
-    to 1 Mbit/s, so fetching 40 blocks (640 KiB) takes about 5 s and the kill lands 1 s into it.
-    Node b must serve no byte of a half-arrived block, answer within the fetch's timeout, recompute,
-    and hold the prefix itself afterwards."""
+    to 40 Mbit/s, so fetching 40 blocks of 512 KiB (20 MiB) takes about 4 s and the kill lands 1 s
+    into it. The fetch asks for all of them in one read, so the blocks must be more than a's
+    kernel holds for a dead process (its socket buffer, 8 MiB here, and the shaper's 50 ms queue)
+    or the kill would cut nothing. Node b must serve no byte of a half-arrived block, answer
+    within the fetch's timeout, recompute, and hold the prefix itself afterwards."""
     ns_a, ns_b = hosts
     prefix = f"ns{uuid.uuid4().hex[:8]}"
     redis = redis_in(ns_a, 6391, tmp_path)
@@ -166,16 +171,17 @@ def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_
     try:
         node_a = subprocess.Popen(
             ["ip", "netns", "exec", ns_a, sys.executable, "-c",
-             node_script(KILL_A, "a", 50073, 6391, prefix)],
+             node_script(KILL_A, "a", 50073, 6391, prefix, shape="WIDE", capacity="64mb")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         kind, saved, daemon_pid = node_a.stdout.readline().split()
         assert (kind, saved) == ("SAVED", "40")
-        sh("ip", "netns", "exec", ns_a, "tc", "qdisc", "add", "dev", ns_a, "root", "tbf", "rate", "1mbit",
-           "burst", "16kb", "latency", "10s")
+        sh("ip", "netns", "exec", ns_a, "tc", "qdisc", "add", "dev", ns_a, "root", "tbf", "rate", "40mbit",
+           "burst", "16kb", "latency", "50ms")
         node_b = subprocess.Popen(
             ["ip", "netns", "exec", ns_b, sys.executable, "-c",
-             node_script(KILL_B, "b", 50074, 6391, prefix, remote="{kind: remote, timeout: 30s}")],
+             node_script(KILL_B, "b", 50074, 6391, prefix, remote="{kind: remote, timeout: 30s}", shape="WIDE",
+                         capacity="64mb")],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         assert node_b.stdout.readline().strip() == "READY"
@@ -187,7 +193,7 @@ def test_node_a_killed_during_b_fetch_means_misses_never_wrong_bytes(hosts, tmp_
         assert node_b.returncode == 0, err[-3000:]
         kind, hits, failed, remote_bytes, took, again = out.split()
         assert kind == "LOADED"
-        assert int(remote_bytes) < 40 * 16384  # the fetch did not complete...
+        assert int(remote_bytes) < 40 * (512 << 10)  # the fetch did not complete...
         assert int(hits) < 40 and (int(failed) > 0 or int(hits) == 0)  # ...and what did not arrive is a miss
         assert float(took) < 30  # within the remote tier's timeout, not a hang
         assert int(again) == 40  # recomputed and saved on b: served locally from now on

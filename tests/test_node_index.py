@@ -73,3 +73,19 @@ def test_a_prefix_spans_local_and_remote_blocks_and_survives_a_redis_outage(redi
         redis.start()
         a.close()
         b.close()
+
+
+def test_insert_here_serves_this_node_and_publish_tells_the_cluster(redis):
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    a = NodeIndex(LocalIndex(), redis_index(redis, "a", prefix))
+    b = NodeIndex(LocalIndex(), redis_index(redis, "b", prefix))
+    try:
+        entries = [(key(i), Location("dram", "", 10)) for i in range(3)]
+        b.insert_here(entries)
+        assert b.acquire([key(i) for i in range(3)], 5.0).hits == 3  # b serves them at once
+        assert a.lookup([key(0)]) == [()]  # nobody else knows yet
+        b.publish(entries)
+        assert [loc.node for loc in a.lookup([key(0)])[0]] == ["b"]
+    finally:
+        a.close()
+        b.close()

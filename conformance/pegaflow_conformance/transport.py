@@ -167,6 +167,46 @@ class TransportContract:
         for n, buf in enumerate(locals_):
             assert bytes(buf) == bytes(remote_buf[n * block : (n + 1) * block])
 
+    # -- read_reporting --------------------------------------------------------------------
+    def test_read_reporting_reports_each_op_once_with_its_bytes_in_place(self, pair) -> None:
+        a, b = pair
+        block, count = 4096, 64
+        remote_buf = bytearray(os.urandom(block * count))
+        local_buf = bytearray(block * count)
+        local, remote = a.register(local_buf), b.register(remote_buf)
+        ops = [TransferOp(local, (count - 1 - i) * block, self._remote(b, remote), i * block, block) for i in range(count)]
+        reported: list[int] = []
+        early: list[int] = []  # reported before its bytes were there
+
+        def arrived(i: int) -> None:
+            at = (count - 1 - i) * block
+            if local_buf[at : at + block] != remote_buf[i * block : (i + 1) * block]:
+                early.append(i)
+            reported.append(i)
+
+        future = a.read_reporting(ops, arrived, timeout_s=WAIT_S)
+        self._wait(future)
+        assert sorted(reported) == list(range(count)), "every op must be reported exactly once before the future completes"
+        assert not early, f"ops {early[:5]} were reported before their bytes were in place"
+
+    def test_read_reporting_of_a_failed_read_fails_its_future(self, pair) -> None:
+        a, b = pair
+        local, remote = a.register(bytearray(256)), b.register(bytearray(256))
+        b.deregister(remote)
+        self._fails_with(lambda: a.read_reporting([TransferOp(local, 0, self._remote(b, remote), 0, 16)], lambda i: None,
+                                                  timeout_s=WAIT_S), TransportError)
+
+    def test_an_error_in_arrived_fails_the_read(self, pair) -> None:
+        a, b = pair
+        local, remote = a.register(bytearray(256)), b.register(bytearray(256))
+
+        def arrived(i: int) -> None:
+            raise RuntimeError("the caller's callback failed")
+
+        self._fails_with(lambda: a.read_reporting([TransferOp(local, 0, self._remote(b, remote), 0, 16)], arrived,
+                                                  timeout_s=WAIT_S), RuntimeError, "callback failed")
+        self._wait(a.read([TransferOp(local, 0, self._remote(b, remote), 0, 16)]))  # the endpoint still works
+
     # -- errors ----------------------------------------------------------------------------
     @pytest.mark.parametrize("side", ["local", "remote"])
     @pytest.mark.parametrize("direction", ["read", "write"])

@@ -30,7 +30,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +175,17 @@ class LoopbackTransport(Transport):
     def read(self, ops: Sequence[TransferOp], timeout_s: float = 30.0) -> Future[None]:
         return self._submit(_READ, ops, timeout_s)
 
+    def read_reporting(self, ops: Sequence[TransferOp], arrived: Callable[[int], None],
+                       timeout_s: float = 30.0) -> Future[None]:
+        """``read``, reporting each op as soon as its bytes are in place (answers come in order),
+        on the worker thread that received them."""
+        return self._submit(_READ, ops, timeout_s, arrived)
+
     def write(self, ops: Sequence[TransferOp], timeout_s: float = 30.0) -> Future[None]:
         return self._submit(_WRITE, ops, timeout_s)
 
-    def _submit(self, op: int, ops: Sequence[TransferOp], timeout_s: float) -> Future[None]:
+    def _submit(self, op: int, ops: Sequence[TransferOp], timeout_s: float,
+                arrived: Callable[[int], None] | None = None) -> Future[None]:
         """Check all that can be checked here, synchronously (InvalidArgument: local and remote
         bounds, addresses, descriptors), then hand the batch to a worker thread; the future
         carries only what the peer alone can tell."""
@@ -196,7 +203,7 @@ class LoopbackTransport(Transport):
                 done.set_result(None)
                 return done
             deadline = time.monotonic() + timeout_s
-            return self._workers.submit(self._run, op, by_peer, dial, deadline, timeout_s)
+            return self._workers.submit(self._run, op, by_peer, dial, deadline, timeout_s, arrived)
 
     def _local_view(self, region: Any, where: str) -> memoryview:
         if not isinstance(region, Region) or not self._owns(region):
@@ -207,16 +214,17 @@ class LoopbackTransport(Transport):
         return self._regions[region.region_id]
 
     def _run(self, op: int, by_peer: dict[str, list[_Op]], dial: dict[str, tuple[str, int]],
-             deadline: float, timeout_s: float) -> None:
+             deadline: float, timeout_s: float, arrived: Callable[[int], None] | None) -> None:
         """Worker thread: one pipelined exchange per peer. A pooled connection found dead before
         its first answer (the peer restarted, the kernel dropped it) is retried once on a fresh
-        connection; READ and WRITE are idempotent, so the retry is safe."""
+        connection; READ and WRITE are idempotent, so the retry is safe (it is not made once an
+        op was reported ``arrived``, so none is reported twice)."""
         name = "read" if op == _READ else "write"
         for address, items in by_peer.items():
             what = f"{name} of {len(items)} ops {'from' if op == _READ else 'to'} {address}"
             for attempt in (1, 2):
                 sock, reused = self._check_out(address, *dial[address], deadline)
-                pipeline = _Pipeline(sock, op, items, deadline, address)
+                pipeline = _Pipeline(sock, op, items, deadline, address, arrived)
                 try:
                     pipeline.run()
                 except _PeerRefused as refused:
@@ -229,9 +237,12 @@ class LoopbackTransport(Transport):
                     self._discard(sock)
                     if self._closed:
                         raise ClosedError(f"{name}: transport {self._address} was closed during the transfer") from None
-                    if reused and attempt == 1 and pipeline.answered == 0:
+                    if reused and attempt == 1 and pipeline.answered == 0 and pipeline.reported == 0:
                         continue
                     raise TransportError(f"{what}: connection failed: {_why(exc)}") from None
+                except BaseException:  # ``arrived`` raised: the stream is mid-answer, drop it
+                    self._discard(sock)
+                    raise
                 self._check_in(address, sock)
                 break
 
@@ -428,13 +439,16 @@ class _Pipeline:
     socket buffers, while the next chunk is already queued when the current one completes.
     """
 
-    def __init__(self, sock: socket.socket, op: int, items: list[_Op], deadline: float, address: str) -> None:
+    def __init__(self, sock: socket.socket, op: int, items: list[_Op], deadline: float, address: str,
+                 arrived: Callable[[int], None] | None = None) -> None:
         self.sock = sock
         self.op = op
         self.items = items
         self.deadline = deadline
         self.address = address
+        self.arrived = arrived
         self.answered = 0
+        self.reported = 0
         self.error: Exception | None = None
 
     def run(self) -> None:
@@ -475,10 +489,15 @@ class _Pipeline:
             return
         header = bytearray(_RESPONSE.size)
         header_view = memoryview(header)
+        arrived = self.arrived
         for o in chunk:
             _recvv(self.sock, [header_view], self.deadline)
-            if self._check(o, *_RESPONSE.unpack(header)) and o.length:
-                _recvv(self.sock, [o.local], self.deadline)  # straight into the destination region
+            if self._check(o, *_RESPONSE.unpack(header)):
+                if o.length:
+                    _recvv(self.sock, [o.local], self.deadline)  # straight into the destination region
+                if arrived is not None:
+                    self.reported += 1
+                    arrived(o.index)
 
     def _check(self, o: _Op, status: int, request_id: int, length: int) -> bool:
         """Whether the answer accepted the op; a refusal is recorded (the first one is raised

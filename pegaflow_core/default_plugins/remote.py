@@ -7,9 +7,11 @@ the configured transport, straight into the slot this node's top tier reserved f
    daemon and its registered pool are (published by the owner at start);
 2. the owner's ``Pin`` RPC pins the blocks for the transfer and answers their pool offsets and
    checksums (taken from the bytes at that moment);
-3. one batched ``transport.read`` per owner moves the bytes; each block is checked against the
-   owner's checksum, so a flipped bit or a block the owner lost meanwhile is a miss, never served;
-4. ``Release`` ends the pin (it also expires by itself if this node dies first).
+3. one batched ``transport.read`` per owner moves the bytes, the same single read the bare
+   transport would make; each block is checked against the owner's checksum as soon as it has
+   arrived, while the later ones still move, so a flipped bit or a block the owner lost
+   meanwhile is a miss, never served;
+4. ``Release`` ends the pin, without waiting for the answer (the pin also expires by itself).
 
 The tier stores nothing itself: ``put`` answers ``False`` (blocks are published where they are
 saved, not pushed to peers) and it holds no capacity.
@@ -17,9 +19,9 @@ saved, not pushed to peers) and it holds no capacity.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -42,14 +44,14 @@ from pegaflow_core.transport import RemoteRegion, TransferOp
 
 log = logging.getLogger("pegaflow.remote")
 
-PIPELINE_BYTES = 8 << 20  # bytes per transfer batch at most: verified while the next batches arrive
-PIPELINE_OPS = 16  # blocks per transfer batch at most (small blocks)
-PIPELINE_DEPTH = 2  # batches in flight
+TIMEOUT_BYTES = 8 << 20  # a fetch's read may take ``timeout`` per this many bytes
+NODES_TTL_S = 1.0  # how long fetches reuse the cluster's list of nodes (addresses, pool descriptors)
 
 
 @dataclass(frozen=True)
 class RemoteOptions:
-    timeout: Duration = field(default=Duration(5.0), metadata={"help": "how long one peer may take to pin and send a batch"})
+    timeout: Duration = field(default=Duration(5.0), metadata={
+        "help": "how long one peer may take to answer a pin, and to send each 8 MiB of a fetch"})
     lease_ttl: Duration = field(default=Duration(30.0), metadata={"help": "how long a peer keeps blocks pinned for us at most"})
     verify: bool = field(default=True, metadata={
         "help": "check each fetched block against the checksum its owner sealed (false: trust the transport's "
@@ -66,6 +68,8 @@ class RemoteTier(Tier):
         self.integrity_failures = 0
         self._context: StackContext | None = None
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.PegaflowStub]] = {}
+        self._nodes_cache: tuple[float, dict[str, Any]] | None = None  # (expires at, nodes)
+        self._releasing: set[grpc.Future] = set()  # Release calls not answered yet
         self._lock = threading.Lock()
         self._closed = False
 
@@ -93,6 +97,19 @@ class RemoteTier(Tier):
         return TierUsage(0, 0, 0)
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
+        return self._get_into(keys, dests, None)
+
+    def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
+                         locations: Sequence[Sequence[Any]]) -> list[bool]:
+        """``get_into`` with the owners the Query's lease found: no second cluster lookup. A
+        location that went stale since is a miss, as it would be after a lookup (the owner's Pin
+        says it no longer holds the block)."""
+        if len(locations) != len(keys):
+            raise InvalidArgument(f"locations: expected one entry per key ({len(keys)}), got {len(locations)}")
+        return self._get_into(keys, dests, locations)
+
+    def _get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
+                  locations: Sequence[Sequence[Any]] | None) -> list[bool]:
         self._check_open()
         keys = check_keys(keys)
         if len(keys) != len(dests):
@@ -100,14 +117,14 @@ class RemoteTier(Tier):
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
         context = self._ctx()
         by_owner: dict[str, list[int]] = {}
-        for i, locs in enumerate(context.index.lookup(keys)):
+        for i, locs in enumerate(context.index.lookup(keys) if locations is None else locations):
             owners = self._owners(locs)
             if owners:
                 by_owner.setdefault(owners[0], []).append(i)
         results = [False] * len(keys)
         if not by_owner:
             return results
-        nodes = context.index.nodes()
+        nodes = self._nodes()
         for owner, positions in by_owner.items():
             info = nodes.get(owner)
             if info is None:
@@ -117,6 +134,7 @@ class RemoteTier(Tier):
                 for i, ok in zip(positions, self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions])):
                     results[i] = ok
             except (PegaflowError, grpc.RpcError) as exc:
+                self._forget_nodes()  # the owner may have restarted elsewhere: ask the index again
                 log.warning("remote: fetching %d blocks from %s failed (%s); they are misses", len(positions), owner, exc)
         return results
 
@@ -137,7 +155,7 @@ class RemoteTier(Tier):
         if len(keys) != len(dests):
             raise InvalidArgument(f"dests: expected one buffer per key ({len(keys)}), got {len(dests)}")
         context = self._ctx()
-        info = context.index.nodes().get(node)
+        info = self._nodes().get(node)
         if info is None or node == context.node:
             raise InvalidArgument(f"probe: node {node!r} is not another live node of the cluster")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
@@ -165,10 +183,23 @@ class RemoteTier(Tier):
         try:
             yield remote, pinned
         finally:
-            try:
-                stub.Release(pb.ReleaseRequest(lease_ids=[pinned.lease_id]), timeout=self.options.timeout)
-            except grpc.RpcError:
-                pass  # the pin expires by itself
+            self._release(stub, pinned.lease_id)
+
+    def _release(self, stub: pb_grpc.PegaflowStub, lease_id: str) -> None:
+        """End a pin without waiting for the owner's answer: nothing here depends on it, and a
+        Release that is lost only leaves the pin to expire by itself. The call is kept until it
+        is answered (a gRPC future that is dropped cancels its call)."""
+        try:
+            call = stub.Release.future(pb.ReleaseRequest(lease_ids=[lease_id]), timeout=self.options.timeout)
+        except ValueError:  # the tier was closed meanwhile (its channels with it)
+            return
+        with self._lock:
+            self._releasing.add(call)
+        call.add_done_callback(self._released)
+
+    def _released(self, call: grpc.Future) -> None:
+        with self._lock:
+            self._releasing.discard(call)
 
     def _plan(self, context: StackContext, remote: RemoteRegion, pinned: pb.PinResponse,
               targets: list[memoryview]) -> tuple[list[TransferOp], list[int]]:
@@ -187,43 +218,65 @@ class RemoteTier(Tier):
         return ops, wanted
 
     def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview]) -> list[bool]:
+        """Pin ``keys`` on their owner and move them into ``targets`` with one transport read
+        (the per-read cost is paid once, as by the bare transport). Each block is verified where
+        and when the transport reports it in place: on the receiving thread, while the block is
+        still in the CPU's cache and the next ones queue up in the socket (natively, without the
+        GIL). A read that fails makes every block a miss."""
         context = self._ctx()
         results = [False] * len(keys)
         with self._pinned(info, keys) as (remote, pinned):
             ops, wanted = self._plan(context, remote, pinned, targets)
-            # Pipelined: batches of at most PIPELINE_OPS blocks or PIPELINE_BYTES, PIPELINE_DEPTH of
-            # them in flight, so the link never waits for this thread and each block is verified
-            # (without the GIL) soon after it arrived, while it is still in the CPU's cache.
-            per_batch = max(1, min(PIPELINE_OPS, PIPELINE_BYTES // max((op.length for op in ops), default=1)))
-            batches = [range(lo, min(len(ops), lo + per_batch)) for lo in range(0, len(ops), per_batch)]
-            in_flight: collections.deque[Any] = collections.deque()
-            try:
-                for n, batch in enumerate(batches):
-                    while len(in_flight) < PIPELINE_DEPTH and n + len(in_flight) < len(batches):
-                        in_flight.append(self._read(context, ops, batches[n + len(in_flight)]))
-                    in_flight.popleft().result(timeout=self.options.timeout + 1)
-                    for j in batch:
-                        i = wanted[j]
-                        results[i] = not self.options.verify or self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
-            finally:
-                # A batch still in flight writes into slots our caller frees when we fail: wait
-                # for it (each read ends by its own timeout) before handing them back.
-                for pending in in_flight:
-                    try:
-                        pending.result(timeout=self.options.timeout + 1)
-                    except Exception:
-                        pass
-        return results
+            if not ops:
+                return results
+            timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
 
-    def _read(self, context: StackContext, ops: list[TransferOp], batch: range) -> Any:
-        return context.transport.read(ops[batch.start : batch.stop], timeout_s=self.options.timeout)
+            def check(j: int) -> None:
+                i = wanted[j]
+                results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
+
+            if self.options.verify:
+                transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
+            else:
+                transfer = context.transport.read(ops, timeout_s=timeout)
+            try:
+                transfer.result(timeout=timeout + 1)  # raises if the read failed
+            finally:
+                # A read still in flight writes into slots our caller frees when we fail: wait for
+                # it (it ends by its own timeout) before handing them back.
+                with contextlib.suppress(Exception):
+                    transfer.result(timeout=timeout + 1)
+            if not self.options.verify:
+                for i in wanted:
+                    results[i] = True
+        return results
 
     def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str) -> bool:
         if checksum(target) == expected:
             return True
-        self.integrity_failures += 1
+        with self._lock:
+            self.integrity_failures += 1
         log.error("remote: block %r from %s failed its checksum; treated as a miss", key, owner)
         return False
+
+    def _nodes(self) -> dict[str, Any]:
+        """The cluster's live nodes, read from the index at most every ``NODES_TTL_S``: a fetch
+        needs only their addresses, which change when a node restarts, and a fetch that fails
+        forgets them (``_forget_nodes``). An empty answer (the index is down) is not kept."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._nodes_cache
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        nodes = self._ctx().index.nodes()
+        if nodes:
+            with self._lock:
+                self._nodes_cache = (now + NODES_TTL_S, nodes)
+        return nodes
+
+    def _forget_nodes(self) -> None:
+        with self._lock:
+            self._nodes_cache = None
 
     def _owners(self, locations: Sequence[object]) -> list[str]:
         node = self._ctx().node
