@@ -9,14 +9,14 @@
 # `pip install -e .`). Optional carries: .wheels/engine/plot (matplotlib, for the PNG; else the CSV
 # is written and `python -m pegaflow_bench_engine.report CSV` plots it elsewhere) and
 # .wheels/engine/reference (pegaflow-llm-cu13, for the side-by-side run).
-# Environment: MODES (default "ttft share restart mla reference"), PROMPTS (default 6),
+# Environment: MODES (default "ttft share restart mla transfer reference"), PROMPTS (default 6),
 # ENGINES (share, default 8), TP (mla, default 2), PYTHON, SSD_DIR (default: under /var/tmp).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/pegaflow-bench-engine}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
-MODES=${MODES:-ttft share restart mla reference}
+MODES=${MODES:-ttft share restart mla transfer reference}
 PROMPTS=${PROMPTS:-6}
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False  # CUDA IPC cannot export expandable segments
 
@@ -54,6 +54,7 @@ for mode in $MODES; do
     share) run share share --engines "${ENGINES:-8}" --requests 8 ;;
     restart) run restart restart ;;
     mla) run mla mla --prompts "$PROMPTS" --tp "${TP:-2}" ;;
+    transfer) run transfer transfer --prompts "$PROMPTS" ;;
     reference)
       wheel=$(compgen -G ".wheels/engine/reference/pegaflow_llm_cu13-*.whl" | head -1)
       if [[ -z "$wheel" ]]; then echo "gpu-bench: no .wheels/engine/reference wheel carried; skipping the pegaflow-llm run"; continue; fi
@@ -62,8 +63,9 @@ for mode in $MODES; do
         || { echo "gpu-bench: pegaflow-llm did not install" >&2; status=1; continue; }
       mkdir -p "$OUT/reference"
       OUT="$OUT/reference" run reference-ttft ttft --prompts "$PROMPTS" --backend reference
+      OUT="$OUT/reference" run reference-transfer transfer --prompts "$PROMPTS" --backend reference
       ;;
-    *) echo "gpu-bench: unknown mode $mode (ttft share restart mla reference)" >&2; status=2 ;;
+    *) echo "gpu-bench: unknown mode $mode (ttft share restart mla transfer reference)" >&2; status=2 ;;
   esac
 done
 exit $status
