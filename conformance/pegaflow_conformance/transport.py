@@ -127,14 +127,19 @@ class TransportContract:
         self._wait(a.read([]))
         self._wait(a.write([]))
 
-    def test_many_ops_in_one_batch(self, pair) -> None:
-        a, b = pair
-        block, count = 128, 400
+    def _reversed_gather(self, a, b, block: int, count: int) -> tuple[bytearray, bytearray, list[TransferOp]]:
+        """Random remote bytes, a zeroed local buffer, and the ops of a gather in which remote
+        block i lands in local slot count-1-i."""
         remote_buf = bytearray(os.urandom(block * count))
         local_buf = bytearray(block * count)
         local, remote = a.register(local_buf), b.register(remote_buf)
-        # Gather: remote block i lands in local slot count-1-i.
         ops = [TransferOp(local, (count - 1 - i) * block, self._remote(b, remote), i * block, block) for i in range(count)]
+        return remote_buf, local_buf, ops
+
+    def test_many_ops_in_one_batch(self, pair) -> None:
+        a, b = pair
+        block, count = 128, 400
+        remote_buf, local_buf, ops = self._reversed_gather(a, b, block, count)
         self._wait(a.read(ops))
         for i in range(count):
             assert local_buf[(count - 1 - i) * block : (count - i) * block] == remote_buf[i * block : (i + 1) * block]
@@ -171,10 +176,7 @@ class TransportContract:
     def test_read_reporting_reports_each_op_once_with_its_bytes_in_place(self, pair) -> None:
         a, b = pair
         block, count = 4096, 64
-        remote_buf = bytearray(os.urandom(block * count))
-        local_buf = bytearray(block * count)
-        local, remote = a.register(local_buf), b.register(remote_buf)
-        ops = [TransferOp(local, (count - 1 - i) * block, self._remote(b, remote), i * block, block) for i in range(count)]
+        remote_buf, local_buf, ops = self._reversed_gather(a, b, block, count)
         reported: list[int] = []
         early: list[int] = []  # reported before its bytes were there
 

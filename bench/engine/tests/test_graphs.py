@@ -18,6 +18,7 @@ from pegaflow_core.launcher import DaemonProcess  # noqa: E402
 from pegaflow_bench_engine.engine import Engine  # noqa: E402
 from pegaflow_bench_engine.kv_backend import NoBackend, PegaflowBackend  # noqa: E402
 from pegaflow_bench_engine.shapes import DEEPSEEK_MLA, LLAMA_3_1_8B, tiny  # noqa: E402
+from pegaflow_bench_engine.workload import random_prompt  # noqa: E402
 
 GPU = torch.device("cuda")
 SHAPES = {"gqa": tiny(LLAMA_3_1_8B), "mla": tiny(DEEPSEEK_MLA)}
@@ -29,15 +30,10 @@ def daemon():
         yield d
 
 
-def prompt(n: int, seed: int, vocab: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(vocab) for _ in range(n)]
-
-
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
 def test_replayed_graphs_give_the_eager_logits_of_each_prompt(daemon, kind):
     shape = dataclasses.replace(SHAPES[kind], dtype="float32")
-    first, second = prompt(100, 1, shape.vocab), prompt(100, 2, shape.vocab)
+    first, second = (random_prompt(random.Random(seed), 100, shape.vocab) for seed in (1, 2))
     reference = Engine(shape, NoBackend(), GPU, kv_blocks=16, graphs=False)
     engine = Engine(shape, PegaflowBackend(daemon.endpoint), GPU, kv_blocks=16, instance_id=f"graphs-{kind}")
     try:
