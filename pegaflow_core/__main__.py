@@ -2,6 +2,10 @@
 
 import sys
 
-from .cli import main
+from .launcher import die_with_parent
+
+die_with_parent()  # a child of DaemonProcess or of a benchmark: not left behind when it dies
+
+from .cli import main  # noqa: E402
 
 sys.exit(main())

@@ -47,7 +47,7 @@ class DaemonProcess:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pegaflow_core", "serve", *self.args, *self.extra_args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=die_with_parent_env(signal.SIGTERM),
         )
         log.close()
         client = PegaflowClient(self.endpoint, timeout_s=1.0, description="launcher")
@@ -98,13 +98,31 @@ class DaemonProcess:
         self.close()
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the launching thread's process dies, so a killed test run or
-    demo never leaves daemons behind (its own session keeps terminal signals away from it)."""
+_PARENT_ENV = "PEGAFLOW_DIE_WITH_PARENT"
+
+
+def die_with_parent_env(sig: int) -> dict[str, str]:
+    """The environment for a child that must get ``sig`` when this process dies, so a killed test
+    run, demo or benchmark never leaves daemons or engines behind. The child arranges it itself at
+    start (``die_with_parent``): a ``preexec_fn`` doing it would run Python between fork and exec,
+    where gRPC's fork handlers, with this process's gRPC threads busy, aborted the child ("exited
+    with -6": epoll_wait on a descriptor of the parent's poller)."""
+    return {**os.environ, _PARENT_ENV: f"{os.getpid()}:{int(sig)}"}
+
+
+def die_with_parent() -> None:
+    """In a child started with ``die_with_parent_env``: ask the kernel for the signal when the
+    parent dies (PR_SET_PDEATHSIG), and take it now if the parent is gone already."""
+    value = os.environ.pop(_PARENT_ENV, "")
+    if not value:
+        return
     import ctypes
 
+    parent, sig = (int(part) for part in value.split(":"))
     pr_set_pdeathsig = 1
-    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    if os.getppid() != parent:  # it died before the prctl: nobody would send the signal
+        os.kill(os.getpid(), sig)
 
 
 def _with_listen(config_yaml: str, endpoint: str) -> tuple[str, str]:

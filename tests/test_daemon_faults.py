@@ -185,3 +185,36 @@ def test_engine_threads_and_the_session_thread_register_again_once(tmp_path):
         daemon.close()
     assert not errors, errors[:3]
     assert len(calls) == 8 and all(calls.values())  # every thread ran and got answers
+
+
+def _gone(pid: int) -> bool:
+    """Exited (or a zombie nobody has reaped yet: its parent was killed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_a_daemon_dies_with_the_process_that_launched_it(tmp_path):
+    """A killed test run or benchmark leaves no daemon behind. The daemon asks for it itself at
+    start (PR_SET_PDEATHSIG from its environment), not in a preexec_fn: Python run between fork
+    and exec, while the launcher's gRPC threads were busy, aborted daemons at start."""
+    script = textwrap.dedent(f"""
+        import time
+        from pegaflow_core.launcher import DaemonProcess
+        daemon = DaemonProcess(None, workdir={str(tmp_path)!r}).start()
+        print(daemon.proc.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        assert not _gone(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(pid), "the daemon outlived the process that launched it"

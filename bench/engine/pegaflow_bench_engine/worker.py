@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from pegaflow_core.launcher import die_with_parent, die_with_parent_env
+
 STARTED = time.perf_counter()
 
 
@@ -72,7 +74,7 @@ class EngineProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pegaflow_bench_engine.worker", json.dumps(asdict(self.spec))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, bufsize=1,
-            preexec_fn=_die_with_parent,
+            env=die_with_parent_env(signal.SIGKILL),  # no engine is left holding a GPU
         )
         if stderr is not subprocess.DEVNULL:
             stderr.close()
@@ -132,13 +134,6 @@ class EngineProcess:
             self.proc.wait(30)
         except (OSError, subprocess.TimeoutExpired):
             self.kill()
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the benchmark dies, so no engine is left holding a GPU."""
-    import ctypes
-
-    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def build_engine(spec: EngineSpec) -> Any:
@@ -210,6 +205,7 @@ def serve(spec: EngineSpec, stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    die_with_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m pegaflow_bench_engine.worker SPEC_JSON")
