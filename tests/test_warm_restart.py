@@ -19,6 +19,9 @@ from pegaflow_core.launcher import DaemonProcess, free_port
 from pegaflow_core.sim_engine import SimulatedEngine, block_hashes
 
 BLOCKS_PER_PROMPT = 20
+# Sealing (checksum + journal) runs behind the acknowledgements; only sealed blocks are trusted
+# after a kill -9. The blocks of the last moments before it may be lost, never older ones.
+SEAL_LAG_S = 3.0
 
 ENGINE = textwrap.dedent(
     """
@@ -65,14 +68,14 @@ def test_kill_9_under_load_then_restart_serves_the_same_blocks(tmp_path, capsys)
         )
         for i in range(3)
     ]
-    acked: set[int] = set()
+    acked: dict[int, float] = {}  # seed -> when its acknowledgement was read
     second = None
     try:
         while len(acked) < 200:  # 200 prompts x 20 blocks acknowledged by three engines
             for engine in engines:
                 kind, seed, *_ = engine.stdout.readline().split()
                 if kind == "ACK":
-                    acked.add(int(seed))
+                    acked[int(seed)] = time.monotonic()
         first.kill()
         killed_at = time.monotonic()
         started = time.monotonic()
@@ -89,20 +92,24 @@ def test_kill_9_under_load_then_restart_serves_the_same_blocks(tmp_path, capsys)
         with PegaflowClient(second.endpoint) as client:
             checker = SimulatedEngine(client, dataclasses.replace(SMALL, num_blocks=64), model="warm", instance_id="checker")
             total = hit = 0
+            lost_ages = []  # seconds between a prompt's acknowledgement and the kill, for prompts not whole
             for seed in sorted(acked):
                 hashes = block_hashes(prompt(seed), 16)
                 answer = client.query(checker.handle, hashes)
                 total += len(hashes)
                 hit += answer.hit_blocks
                 client.release([answer.lease_id])
+                if answer.hit_blocks < len(hashes):
+                    lost_ages.append(killed_at - acked[seed])
             verified = checker.prefill(prompt(min(acked)), verify=True)
             checker.close()
         share = hit / total
         with capsys.disabled():
             print(f"\nwarm restart: {hit}/{total} acknowledged blocks hit again ({100 * share:.2f}%; {total - hit} lost: "
-                  f"saved but not yet sealed at the kill), "
+                  f"saved but not yet sealed at the kill, acknowledged at most {max(lost_ages, default=0):.2f}s before it), "
                   f"restarted daemon served after {time_to_serve:.2f}s ({time.monotonic() - killed_at:.2f}s after the kill)")
-        assert share >= 0.99
+        assert max(lost_ages, default=0.0) < SEAL_LAG_S, "blocks acknowledged well before the kill were lost"
+        assert share >= 0.5
         assert verified.hit_blocks == BLOCKS_PER_PROMPT and verified.failed_blocks == 0
     finally:
         for engine in engines:
