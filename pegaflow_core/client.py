@@ -15,8 +15,9 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 
@@ -28,6 +29,7 @@ from .local_rpc import LOCAL_METHODS, ErrorReply, LocalChannel, NotSent
 from .packed import pack_block_ids, pack_hashes
 
 log = logging.getLogger("pegaflow.client")
+T = TypeVar("T")
 
 DEFAULT_ENDPOINT = "127.0.0.1:50055"
 _CHANNEL_OPTIONS = [
@@ -238,19 +240,31 @@ class PegaflowClient:
                 log.warning("re-registering %s failed: %s", handle.spec.instance_id, exc)
 
     def _call(self, method: str, request: object, what: str, timeout: float | None = None) -> object:
-        local = self._local
-        if local is not None and method in LOCAL_METHODS:
+        if method in LOCAL_METHODS:
             try:
-                return local.call(method, request, timeout or self.timeout_s)
-            except NotSent as exc:  # the daemon exited or restarted: gRPC finds out which
-                log.debug("local socket unusable (%s); back to gRPC", exc)
-                self._drop_local(local)
+                reply = self._over_local(lambda channel: channel.call(method, request, timeout or self.timeout_s))
             except ErrorReply as exc:
                 raise _error_of(exc.code, exc.detail, what) from None
+            if reply is not None:
+                return reply
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as exc:
             raise _error(exc, what) from None
+
+    def _over_local(self, send: Callable[[LocalChannel], T]) -> T | None:
+        """``send(channel)`` over the local socket; None when there is none, or when the request
+        could not be sent (the daemon exited or restarted: the caller goes over gRPC, which finds
+        out which)."""
+        local = self._local
+        if local is None:
+            return None
+        try:
+            return send(local)
+        except NotSent as exc:
+            log.debug("local socket unusable (%s); back to gRPC", exc)
+            self._drop_local(local)
+            return None
 
     @property
     def local_socket(self) -> str | None:
@@ -400,14 +414,10 @@ class PegaflowClient:
             self._register_again(handle, "")
         request = pb.LoadRequest(context_id=handle.context_id, lease_id=lease_id, block_ids=list(block_ids), release_after=release_after)
         timeout = max(self.timeout_s, 60.0)
-        local = self._local
-        if local is not None:
-            try:
-                return LoadHandle(local.stream("Load", request, timeout), handle.spec.num_layers)
-            except NotSent as exc:  # the daemon exited or restarted: gRPC finds out which
-                log.debug("local socket unusable (%s); back to gRPC", exc)
-                self._drop_local(local)
-        return LoadHandle(self._stub.Load(request, timeout=timeout), handle.spec.num_layers)
+        stream = self._over_local(lambda channel: channel.stream("Load", request, timeout))
+        if stream is None:
+            stream = self._stub.Load(request, timeout=timeout)
+        return LoadHandle(stream, handle.spec.num_layers)
 
     def probe_remote(self, handle: ContextHandle, node: str, block_hashes: Sequence[bytes]) -> tuple[int, float]:
         """(bytes, seconds) of the bare transport moving these blocks from ``node``, which holds

@@ -282,7 +282,7 @@ class LocalChannel:
         try:
             while True:
                 status, payload = self._receive(sock, timeout)
-                ended = status != 0
+                ended = status != 0  # an error frame is the stream's last: it raises, the connection is clean
                 reply = _decoded(status, payload, reply_type)
                 ended = last(reply)
                 yield reply
