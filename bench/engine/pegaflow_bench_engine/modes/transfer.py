@@ -40,6 +40,11 @@ def run(settings: Settings) -> dict[str, Any]:
 
         baseline = pinned_memcpy_gbps(nbytes, dev.index or 0)
     cache = PagedKVCache(shape, 2 * blocks + 8, dev, seed=settings.seed)
+
+    def synchronize() -> None:  # the clock starts and stops with the GPU idle
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
     rng = random.Random(settings.seed)
     save_s, load_s = [], []
     say(f"transfer: {shape.name} on {settings.device}, {blocks} blocks = {nbytes / 1e9:.2f} GB per round, "
@@ -53,14 +58,14 @@ def run(settings: Settings) -> dict[str, Any]:
                 src, dst = ids[:blocks], ids[blocks:]
                 cache.flat.random_(0, 256, generator=torch.Generator(device=dev).manual_seed(it))
                 hashes = [f"transfer-{settings.seed}-{it}-{i}".encode().ljust(32, b".") for i in range(blocks)]
-                torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+                synchronize()
                 started = time.perf_counter()
                 backend.save(src, hashes)
                 hit = _query_all(backend, hashes, blocks)
                 save_s.append(time.perf_counter() - started)
                 started = time.perf_counter()
                 failed = backend.load(hit, dst).finish()
-                torch.cuda.synchronize(dev) if dev.type == "cuda" else None
+                synchronize()
                 load_s.append(time.perf_counter() - started)
                 if failed:
                     raise RuntimeError(f"transfer: {len(failed)} blocks failed to load in round {it}")
