@@ -52,13 +52,19 @@ def prompt(seed: int, blocks: int = 12) -> list[int]:
 @contextlib.contextmanager
 def two_nodes(redis, model: str, transport_a: str = LOOPBACK, transport_b: str = LOOPBACK
               ) -> Iterator[tuple[PegaflowClient, SimulatedEngine, PegaflowClient, SimulatedEngine]]:
-    """Daemons of nodes a and b sharing one cluster index, a client and an engine on each."""
+    """Daemons of nodes a and b sharing one cluster index, a client and an engine on each (closed
+    on the way out)."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
     with DaemonProcess(node_config(redis, "a", prefix, transport_a)) as a, \
             DaemonProcess(node_config(redis, "b", prefix, transport_b)) as b, \
             PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
-        yield (on_a, SimulatedEngine(on_a, SMALL, model=model, instance_id="a0"),
-               on_b, SimulatedEngine(on_b, SMALL, model=model, instance_id="b0"))
+        engines = (SimulatedEngine(on_a, SMALL, model=model, instance_id="a0"),
+                   SimulatedEngine(on_b, SMALL, model=model, instance_id="b0"))
+        try:
+            yield on_a, engines[0], on_b, engines[1]
+        finally:
+            for engine in engines:
+                engine.close()
 
 
 def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
@@ -69,8 +75,6 @@ def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
         assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
         again = loader.prefill(prompt(1), verify=True)  # now local on b
         assert again.hit_blocks == 12
-        saver.close()
-        loader.close()
 
 
 def test_a_query_that_waits_answers_once_the_remote_blocks_are_here(redis):
@@ -91,8 +95,6 @@ def test_a_query_that_waits_answers_once_the_remote_blocks_are_here(redis):
         for wait_s in (-1.0, 61.0, float("nan")):
             with pytest.raises(InvalidArgument, match="wait_s must be between 0 and 60 seconds"):
                 on_b.query(loader.handle, hashes, wait_s=wait_s)
-        saver.close()
-        loader.close()
 
 
 def test_a_query_waits_no_longer_than_asked(redis):
@@ -106,8 +108,6 @@ def test_a_query_waits_no_longer_than_asked(redis):
         again = on_b.query(loader.handle, hashes, wait_s=10)
         on_b.release([hit.lease_id])
         assert again.hit_blocks == 12 and not again.loading
-        saver.close()
-        loader.close()
 
 
 def test_a_bit_flipped_in_flight_is_detected_and_recomputed(redis):
@@ -119,8 +119,6 @@ def test_a_bit_flipped_in_flight_is_detected_and_recomputed(redis):
         # recomputed with everything after it; the blocks before it arrive exact
         assert got.failed_blocks == 1 and got.hit_blocks < 12
         assert on_b.stats().counters["load_failures_total{reason=missing}"] >= 1
-        saver.close()
-        loader.close()
 
 
 def test_a_dead_owner_means_misses_not_hangs(redis):
@@ -146,8 +144,6 @@ def test_the_remote_tier_over_ucx(redis):
         saver.prefill(prompt(4))
         got = loader.prefill(prompt(4), verify=True)
         assert got.hit_blocks == 12 and got.failed_blocks == 0
-        saver.close()
-        loader.close()
 
 
 def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
@@ -175,8 +171,6 @@ def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
         assert on_b.stats().counters.get("bytes_total{direction=promote,tier=remote}", 0) == 0  # scratch, not stored
         with pytest.raises(InvalidArgument, match="node 'zz' is not another live node"):
             on_b.probe_remote(prober.handle, "zz", hashes)
-        saver.close()
-        prober.close()
 
 
 def test_the_remote_tier_refuses_locations_that_do_not_match_the_keys():
