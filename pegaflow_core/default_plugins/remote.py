@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import grpc
-import numpy as np
 
 from pegaflow_core._proto import pegaflow_pb2 as pb
 from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
 from pegaflow_core.buffers import Buffer, byte_view
 from pegaflow_core.checksum import checksum
+from pegaflow_core.copier import buffer_address, buffer_addresses
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
 from pegaflow_core.hookspecs import Register, hookimpl
 from pegaflow_core.keys import BlockKey, check_keys
@@ -205,12 +205,12 @@ class RemoteTier(Tier):
               targets: list[memoryview]) -> tuple[list[TransferOp], list[int]]:
         """One read op per block the owner still holds at the size we expect, into a slot of our
         pool; and the position of each op's block."""
-        pool = np.frombuffer(context.top.buffer(), dtype=np.uint8)
-        base = pool.__array_interface__["data"][0]
-        end = base + pool.size
+        pool = context.top.buffer()
+        base = buffer_address(pool)
+        end = base + len(pool)
         ops, wanted = [], []
-        for i, (target, offset, nbytes) in enumerate(zip(targets, pinned.offsets, pinned.nbytes)):
-            address_of = np.frombuffer(target, dtype=np.uint8).__array_interface__["data"][0]
+        for i, (target, address_of, offset, nbytes) in enumerate(
+                zip(targets, buffer_addresses(targets).tolist(), pinned.offsets, pinned.nbytes)):
             if offset < 0 or nbytes != len(target) or not base <= address_of < end:
                 continue  # not on that node any more, another size, or not a slot of our pool
             ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
