@@ -102,11 +102,17 @@ class PagedKVCache:
 
     def gather(self, layer: int, block_table: torch.Tensor, tokens: int) -> Any:
         """The first ``tokens`` tokens of a request, contiguous: (K, V) or the latent."""
+        # Whole blocks picked with index_select along dim 0 of a [blocks, block elements] view, one
+        # plane at a time: on the H100, 0.035 ms per layer for a 10K-token context, against 0.10
+        # ms for ``view[:, block_table]`` (the generic indexing kernel), which was a quarter of a
+        # 16-token suffix's layer.
         view = self.layers[layer]
         if self.shape.attention == "gqa":
-            kv = view[:, block_table].reshape(2, -1, self.shape.kv_heads, self.shape.head_dim)
-            return kv[0, :tokens], kv[1, :tokens]
-        return view[block_table].reshape(-1, self.shape.latent_dim)[:tokens]
+            planes = view.view(2, self.num_blocks, -1)
+            k, v = (planes[p].index_select(0, block_table).view(-1, self.shape.kv_heads, self.shape.head_dim)
+                    for p in range(2))
+            return k[:tokens], v[:tokens]
+        return view.view(self.num_blocks, -1).index_select(0, block_table).view(-1, self.shape.latent_dim)[:tokens]
 
     def close(self) -> None:
         self.layers = []

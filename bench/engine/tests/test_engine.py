@@ -14,6 +14,7 @@ from pegaflow_core.launcher import DaemonProcess  # noqa: E402
 
 from pegaflow_bench_engine.engine import Engine  # noqa: E402
 from pegaflow_bench_engine.kv_backend import NoBackend, PegaflowBackend  # noqa: E402
+from pegaflow_bench_engine.kv_cache import PagedKVCache  # noqa: E402
 from pegaflow_bench_engine.shapes import DEEPSEEK_MLA, LLAMA_3_1_8B, tiny  # noqa: E402
 from pegaflow_bench_engine.worker import EngineProcess, EngineSpec  # noqa: E402
 
@@ -49,6 +50,28 @@ class ZeroingLoad:
 
     def finish(self):
         return self.inner.finish()
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mla"])
+def test_gather_returns_the_requests_tokens_block_by_block_in_table_order(kind):
+    shape = SHAPES[kind]
+    cache = PagedKVCache(shape, 12, CPU)
+    try:
+        cache.flat.view(torch.float32 if shape.dtype == "float32" else torch.bfloat16).normal_()
+        table = torch.tensor([7, 2, 11, 0])
+        tokens = 3 * shape.block_size + 5  # a partial last block
+        for layer in range(shape.layers):
+            got = cache.gather(layer, table, tokens)
+            view = cache.layers[layer]
+            for i, block in enumerate(table.tolist()):
+                rows = slice(i * shape.block_size, min(tokens, (i + 1) * shape.block_size))
+                n = rows.stop - rows.start
+                if kind == "gqa":
+                    assert torch.equal(got[0][rows], view[0, block, :n]) and torch.equal(got[1][rows], view[1, block, :n])
+                else:
+                    assert torch.equal(got[rows], view[block, :n])
+    finally:
+        cache.close()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
