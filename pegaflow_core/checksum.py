@@ -45,3 +45,18 @@ else:
         return xxhash.xxh3_64_intdigest(byte_view(data))
 
     checksum_portable = checksum
+
+
+def algorithm_name(tag: bytes = ALGORITHM) -> str:
+    """An algorithm tag as peers exchange it (``ALGORITHM`` without its padding)."""
+    return tag.rstrip(b"\0").decode()
+
+
+def checksum_for(name: str) -> Callable[[Buffer], int] | None:
+    """The checksum function a peer named (its Pin answer), or None if this node cannot compute
+    it: a peer with the compiled routines and one without still verify each other's blocks."""
+    if name == algorithm_name():
+        return checksum
+    if name == "xxh3-64":
+        return lambda data: xxhash.xxh3_64_intdigest(byte_view(data))
+    return None

@@ -27,7 +27,7 @@ from google.protobuf.message import Message
 from . import __version__
 from ._proto import pegaflow_pb2 as pb
 from ._proto import pegaflow_pb2_grpc as pb_grpc
-from .checksum import checksum
+from .checksum import algorithm_name, checksum
 from .config import MAX_UNIX_PATH, DaemonConfig
 from .contexts import ContextTable, EngineContext, EngineRegion
 from .copier import engine_segments
@@ -480,7 +480,8 @@ class Servicer(pb_grpc.PegaflowServicer):
             offsets.append(where[0] if held else -1)
             sizes.append(where[1] if held else 0)
             sums.append((known if known is not None else checksum(view)) if held else 0)
-        return pb.PinResponse(lease_id=lease.lease_id, offsets=offsets, nbytes=sizes, checksums=sums)
+        return pb.PinResponse(lease_id=lease.lease_id, offsets=offsets, nbytes=sizes, checksums=sums,
+                              checksum_algorithm=algorithm_name())
 
     @_rpc
     async def ProbeRemote(self, request: pb.ProbeRemoteRequest, context: grpc.aio.ServicerContext) -> pb.ProbeRemoteResponse:

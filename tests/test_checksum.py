@@ -47,3 +47,12 @@ def test_read_only_and_bytes_inputs() -> None:
     data = bytes(range(256)) * 5
     array = np.frombuffer(data, dtype=np.uint8)
     assert cs.checksum(data) == cs.checksum(array) == cs.checksum(memoryview(data))
+
+
+def test_a_peer_names_its_algorithm_and_this_node_computes_it_if_it_can() -> None:
+    data = np.random.default_rng(4).integers(0, 256, 70_000, dtype=np.uint8)
+    assert cs.checksum_for(cs.algorithm_name())(data) == cs.checksum(data)
+    xxh3 = cs.checksum_for("xxh3-64")
+    assert xxh3 is not None and xxh3(data) == __import__("xxhash").xxh3_64_intdigest(data.tobytes())
+    assert cs.checksum_for("pfhash64") is None and cs.checksum_for("") is None  # older daemons
+    assert cs.algorithm_name() in ("pfhash2", "xxh3-64")

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from daemon_helpers import SMALL
+from pegaflow_core.checksum import algorithm_name
 from pegaflow_core.client import PegaflowClient
 from pegaflow_core.launcher import DaemonProcess
 from pegaflow_core.errors import InvalidArgument
@@ -108,6 +109,28 @@ def test_a_query_waits_no_longer_than_asked(redis):
         again = on_b.query(loader.handle, hashes, wait_s=10)
         on_b.release([hit.lease_id])
         assert again.hit_blocks == 12 and not again.loading
+
+
+def test_nodes_with_different_checksum_routines_still_verify_each_others_blocks(redis, monkeypatch):
+    """Node a runs without the compiled routines (xxh3-64), node b with them (pfhash2): a's Pin
+    answer names its algorithm and b checks what arrives with that one."""
+    if algorithm_name() == "xxh3-64":
+        pytest.skip("the native checksum is not built here: both nodes would use xxh3-64")
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with contextlib.ExitStack() as stack:
+        monkeypatch.setenv("PEGAFLOW_NATIVE_COPY", "0")  # read by a's process as it starts
+        a = stack.enter_context(DaemonProcess(node_config(redis, "a", prefix)))
+        monkeypatch.delenv("PEGAFLOW_NATIVE_COPY")
+        b = stack.enter_context(DaemonProcess(node_config(redis, "b", prefix)))
+        on_a, on_b = stack.enter_context(PegaflowClient(a.endpoint)), stack.enter_context(PegaflowClient(b.endpoint))
+        saver = stack.enter_context(contextlib.closing(SimulatedEngine(on_a, SMALL, model="mixed", instance_id="a0")))
+        loader = stack.enter_context(contextlib.closing(SimulatedEngine(on_b, SMALL, model="mixed", instance_id="b0")))
+        saver.prefill(prompt(11))
+        got = loader.prefill(prompt(11), verify=True)  # raises if any fetched byte is wrong
+        assert got.hit_blocks == 12 and got.failed_blocks == 0
+        assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
+        log = b.log_path.read_text()
+    assert "cannot compute" not in log and "failed its checksum" not in log
 
 
 def test_a_bit_flipped_in_flight_is_detected_and_recomputed(redis):

@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -33,7 +33,7 @@ import grpc
 from pegaflow_core._proto import pegaflow_pb2 as pb
 from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
 from pegaflow_core.buffers import Buffer, byte_view
-from pegaflow_core.checksum import checksum
+from pegaflow_core.checksum import algorithm_name, checksum_for
 from pegaflow_core.copier import buffer_address, buffer_addresses
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
 from pegaflow_core.hookspecs import Register, hookimpl
@@ -70,6 +70,7 @@ class RemoteTier(Tier):
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.PegaflowStub]] = {}
         self._nodes_cache: tuple[float, dict[str, Any]] | None = None  # (expires at, nodes)
         self._releasing: set[grpc.Future] = set()  # Release calls not answered yet
+        self._unverifiable: set[tuple[str, str]] = set()  # (owner, algorithm) said already
         self._lock = threading.Lock()
         self._closed = False
 
@@ -226,6 +227,10 @@ class RemoteTier(Tier):
         context = self._ctx()
         results = [False] * len(keys)
         with self._pinned(info, keys) as (remote, pinned):
+            digest = checksum_for(pinned.checksum_algorithm)
+            if self.options.verify and digest is None:
+                self._cannot_verify(info.node_id, pinned.checksum_algorithm)
+                return results
             ops, wanted = self._plan(context, remote, pinned, targets)
             if not ops:
                 return results
@@ -233,7 +238,7 @@ class RemoteTier(Tier):
 
             def check(j: int) -> None:
                 i = wanted[j]
-                results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id)
+                results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest)
 
             if self.options.verify:
                 transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
@@ -251,13 +256,25 @@ class RemoteTier(Tier):
                     results[i] = True
         return results
 
-    def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str) -> bool:
-        if checksum(target) == expected:
+    def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str,
+                  digest: Callable[[Buffer], int]) -> bool:
+        if digest(target) == expected:
             return True
         with self._lock:
             self.integrity_failures += 1
         log.error("remote: block %r from %s failed its checksum; treated as a miss", key, owner)
         return False
+
+    def _cannot_verify(self, owner: str, algorithm: str) -> None:
+        """An owner whose checksums this node cannot compute (another pegaflow version): its blocks
+        are misses, said once per owner and algorithm rather than once per block."""
+        with self._lock:
+            first = (owner, algorithm) not in self._unverifiable
+            self._unverifiable.add((owner, algorithm))
+        if first:
+            log.error("remote: node %s checksums its blocks with %r, which this node (%r) cannot compute: its "
+                      "blocks are misses; run one pegaflow version on every node, or set `verify: false` on "
+                      "the remote tier", owner, algorithm or "an unnamed algorithm", algorithm_name())
 
     def _nodes(self) -> dict[str, Any]:
         """The cluster's live nodes, read from the index at most every ``NODES_TTL_S``: a fetch
