@@ -34,17 +34,17 @@ def _bind(name: str) -> Callable[[Buffer], int]:
     return run
 
 
+def _xxh3(data: Buffer) -> int:
+    return xxhash.xxh3_64_intdigest(byte_view(data))
+
+
 if _lib is not None:
     ALGORITHM = b"pfhash2\0"
     checksum = _bind("pegaflow_checksum")
     checksum_portable = _bind("pegaflow_checksum_portable")  # the non-vector path: tests compare the two
 else:
     ALGORITHM = b"xxh3-64\0"
-
-    def checksum(data: Buffer) -> int:
-        return xxhash.xxh3_64_intdigest(byte_view(data))
-
-    checksum_portable = checksum
+    checksum = checksum_portable = _xxh3
 
 
 def algorithm_name(tag: bytes = ALGORITHM) -> str:
@@ -58,5 +58,5 @@ def checksum_for(name: str) -> Callable[[Buffer], int] | None:
     if name == algorithm_name():
         return checksum
     if name == "xxh3-64":
-        return lambda data: xxhash.xxh3_64_intdigest(byte_view(data))
+        return _xxh3
     return None
