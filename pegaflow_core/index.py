@@ -122,6 +122,17 @@ class Index(Backend, ABC):
     @abstractmethod
     def stats(self) -> IndexStats: ...
 
+    # -- inserting in two halves (an index with a cluster behind it) -----------------------------
+    def insert_here(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        """The part of ``insert`` that makes this node serve the blocks. An index with a cluster
+        behind it (``NodeIndex``) leaves telling the cluster to ``publish``, so a caller with
+        someone waiting on the blocks wakes them first; the default inserts all at once."""
+        self.insert(entries)
+
+    def publish(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
+        """The rest of ``insert`` after ``insert_here``: telling the cluster. The default has
+        nothing left to do."""
+
     # -- cluster membership (indexes shared by several daemons) ---------------------------------
     def register_node(self, node_id: str, address: str, transports: dict[str, bytes]) -> None:
         """Publish this daemon's transport address and descriptors; a one-machine index has no

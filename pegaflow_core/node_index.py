@@ -54,8 +54,6 @@ class NodeIndex(Index):
         self.publish(entries)
 
     def insert_here(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:
-        """The local half of ``insert``: this node serves the blocks from now on. ``publish``
-        tells the cluster; a caller with someone waiting on the blocks does that afterwards."""
         self.local.insert(entries)
 
     def publish(self, entries: Sequence[tuple[BlockKey, Location]]) -> None:

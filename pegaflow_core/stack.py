@@ -25,7 +25,6 @@ from .index import Index, Lease, Location
 from .keys import BlockKey
 from .memory import Landed
 from .metrics import Metrics
-from .node_index import NodeIndex
 from .tier import Tier
 
 log = logging.getLogger("pegaflow.stack")
@@ -431,8 +430,8 @@ class TierStack:
 
     def _promote_claimed(self, keys: list[BlockKey], nbytes: int, publish: list[tuple[BlockKey, Location]],
                          where: dict[BlockKey, Sequence[Location]] | None = None) -> None:
-        """Promote ``keys``; with a cluster index, what must still be told to the cluster is left
-        in ``publish``: the caller does it after the waiters are woken (the blocks are served from
+        """Promote ``keys``; what must still be told to the cluster (``Index.publish``) is left in
+        ``publish``: the caller does it after the waiters are woken (the blocks are served from
         this node's index already, and a Redis round trip would only delay them). ``where``: the
         keys' locations from the caller's lease, if it has them."""
         name, top = self.top
@@ -454,11 +453,8 @@ class TierStack:
             if done:
                 top.commit([keys[i] for i in done])
                 entries = [(keys[i], location) for i in done]
-                if isinstance(self.index, NodeIndex):
-                    self.index.insert_here(entries)
-                    publish.extend(entries)
-                else:
-                    self.index.insert(entries)
+                self.index.insert_here(entries)
+                publish.extend(entries)
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:

@@ -56,6 +56,16 @@ def test_insert_lookup_and_replace_per_tier_and_node(index):
     assert index.stats() == IndexStats(blocks=1, pinned=0, leases=0)
 
 
+def test_an_index_without_a_cluster_inserts_everything_here_and_has_nothing_to_publish(index):
+    """The stack inserts promoted blocks in two halves (Index.insert_here, then publish); an index
+    with no cluster behind it does the whole insert in the first."""
+    k = key(3)
+    index.insert_here([(k, DRAM)])
+    assert index.lookup([k]) == [(DRAM,)]
+    index.publish([(k, SSD)])  # nothing left to tell: it changes nothing
+    assert index.lookup([k]) == [(DRAM,)]
+
+
 def test_acquire_pins_the_longest_prefix_and_stops_at_first_miss(index):
     keys = fill(index, 5)
     index.remove([keys[3]])
