@@ -186,9 +186,9 @@ class LoadHandle:
 class PegaflowClient:
     """Synchronous client. Thread-safe; one per engine process is enough.
 
-    With ``local=True`` (the default) Save, Query, Release and Health go over the daemon's Unix
-    socket once a context is registered, if the daemon has one and it leads to the same daemon
-    from here (local_rpc.py); everything else, and every call when it does not, uses gRPC."""
+    With ``local=True`` (the default) Save, Query, Release, Health and Load go over the daemon's
+    Unix socket once a context is registered, if the daemon has one and it leads to the same
+    daemon from here (local_rpc.py); everything else, and every call when it does not, uses gRPC."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 5.0, description: str = "",
                  local: bool = True) -> None:
@@ -268,7 +268,7 @@ class PegaflowClient:
 
     @property
     def local_socket(self) -> str | None:
-        """The Unix socket this client sends Save/Query/Release to, or None while it uses gRPC."""
+        """The Unix socket this client sends Save/Query/Release/Health/Load to, or None while it uses gRPC."""
         local = self._local
         return local.path if local is not None else None
 

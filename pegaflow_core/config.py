@@ -142,7 +142,7 @@ class ServerConfig:
     local_socket: str | None = field(
         default="auto",
         metadata={
-            "help": "Unix socket clients on this machine send Save/Query/Release to, bypassing gRPC: "
+            "help": "Unix socket clients on this machine send Save/Query/Release/Health/Load to, bypassing gRPC: "
                     "'auto' (state_dir/rpc-<listen address>.sock), an absolute path, or null for none",
             "check": check_local_socket,
             "expect": "'auto', an absolute path like '/run/pegaflow/rpc.sock', or null for none",

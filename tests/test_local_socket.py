@@ -1,6 +1,6 @@
 """The local fast path (local_rpc.py) against real daemon processes: a client on the daemon's
-machine sends Save/Query/Release/Health over its Unix socket, every other client keeps using gRPC,
-the socket file is created private, replaced when stale, refused when live, and removed at stop."""
+machine sends Save/Query/Release/Health/Load over its Unix socket, every other client keeps using
+gRPC, the socket file is created private, replaced when stale, refused when live, and removed at stop."""
 
 from __future__ import annotations
 
