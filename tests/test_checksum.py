@@ -56,3 +56,20 @@ def test_a_peer_names_its_algorithm_and_this_node_computes_it_if_it_can() -> Non
     assert xxh3 is not None and xxh3(data) == __import__("xxhash").xxh3_64_intdigest(data.tobytes())
     assert cs.checksum_for("pfhash64") is None and cs.checksum_for("") is None  # older daemons
     assert cs.algorithm_name() in ("pfhash2", "xxh3-64")
+
+
+def test_an_owner_whose_algorithm_this_node_cannot_compute_is_named_once(caplog) -> None:
+    """Its blocks are misses (tests/test_cluster.py shows the mixed case that works); the log says
+    which node, which algorithm and what to do, once per owner rather than once per block."""
+    from pegaflow_core.default_plugins.remote import RemoteTier
+
+    tier = RemoteTier()
+    with caplog.at_level("ERROR", logger="pegaflow.remote"):
+        for _ in range(3):
+            tier._cannot_verify("node-a", "pfhash64")
+        tier._cannot_verify("node-b", "")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2
+    assert "node node-a checksums its blocks with 'pfhash64'" in messages[0]
+    assert "run one pegaflow version on every node, or set `verify: false`" in messages[0]
+    assert "'an unnamed algorithm'" in messages[1]
