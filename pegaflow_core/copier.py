@@ -88,11 +88,11 @@ def buffer_addresses(buffers: Sequence[memoryview]) -> np.ndarray:
 
 
 def block_segments(
-    layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int], blocks: Sequence[memoryview]
+    layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int], starts: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``[blocks, planes]`` arrays: engine address, stored-block address, length. Every memory
-    kind copies these segments; only how it copies them differs."""
-    engine, starts, size = block_addresses(layout, regions, block_ids, blocks)
+    """``[blocks, planes]`` arrays: engine address, stored-block address, length (``starts``: each
+    stored block's first byte). Every memory kind copies these segments; only how differs."""
+    engine, size = engine_addresses(layout, regions, block_ids)
     offset = np.array(layout.plane_offsets(), dtype=np.uint64)
     stored = starts[:, None] + offset[None, :]
     length = np.broadcast_to(size, engine.shape)
@@ -105,7 +105,7 @@ def block_addresses(
     """Engine plane addresses ``[blocks, planes]``, stored-block starts ``[blocks]`` and plane
     lengths ``[planes]``: the compact form of block_segments, for copy paths that move whole
     stored blocks (planes lie back to back in one, at ``layout.plane_offsets()``)."""
-    engine, size = _engine_addresses(layout, regions, block_ids)
+    engine, size = engine_addresses(layout, regions, block_ids)
     starts = buffer_addresses(blocks)
     return engine, starts, size
 
@@ -114,12 +114,14 @@ def engine_segments(layout: KVLayout, regions: Sequence[EngineRegion], block_ids
     """Per engine block, its ``(address, nbytes)`` pieces in stored-block byte order (planes are
     stored one after another): what a tier with device I/O reads a block into
     (``Tier.read_into_device``)."""
-    engine, size = _engine_addresses(layout, regions, block_ids)
+    engine, size = engine_addresses(layout, regions, block_ids)
     sizes = [int(n) for n in size]
     return [list(zip(map(int, row), sizes)) for row in engine]
 
 
-def _engine_addresses(layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def engine_addresses(layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Each block's plane addresses ``[blocks, planes]`` in the regions (``base``: where the one
+    copying sees each region) and the planes' lengths."""
     planes = layout.planes
     base = np.array([regions[p.region].base + p.offset for p in planes], dtype=np.uint64)
     stride = np.array([p.block_stride for p in planes], dtype=np.uint64)
@@ -144,7 +146,7 @@ class HostCopier:
         """Copy engine block ``block_ids[i]`` (all planes) into ``dests[i]``."""
         if not block_ids:
             return
-        engine, stored, length = block_segments(layout, regions, block_ids, dests)
+        engine, stored, length = block_segments(layout, regions, block_ids, buffer_addresses(dests))
         self._copy(regions[0].pid, stored, engine, length, into_engine=False)
 
     def scatter(
@@ -158,11 +160,17 @@ class HostCopier:
         """Copy ``sources[i]`` into engine block ``block_ids[i]`` layer by layer (``None``
         sources are skipped); ``on_layer(k)`` runs once layers ``[0, k)`` are complete."""
         rows = [i for i, s in enumerate(sources) if s is not None]
+        starts = buffer_addresses(pick(sources, rows)) if rows else np.zeros(0, dtype=np.uint64)
+        self.scatter_from(layout, regions, [block_ids[i] for i in rows], starts, on_layer)
+
+    def scatter_from(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
+                     starts: np.ndarray, on_layer: Callable[[int], None] | None = None) -> None:
+        """``scatter`` of stored blocks given by their first byte's address here (``starts``)."""
         groups = layout.layer_groups()
-        if rows:
-            engine, stored, length = block_segments(layout, regions, [block_ids[i] for i in rows], pick(sources, rows))
+        if len(block_ids):
+            engine, stored, length = block_segments(layout, regions, block_ids, starts)
         for done, group in enumerate(groups, start=1):
-            if rows:
+            if len(block_ids):
                 self._copy(regions[0].pid, engine[:, group], stored[:, group], length[:, group], into_engine=True)
             if on_layer is not None:
                 on_layer(done)
