@@ -21,7 +21,7 @@ from .hookspecs import hookimpl
 from .index import Index, IndexStats, Lease, Location, NodeInfo
 from .keys import BlockKey
 from .sizes import format_size, parse_size
-from .tier import MemoryKind, StackContext, Tier, TierCapabilities, TierUsage
+from .tier import MemoryKind, SharedPool, StackContext, Tier, TierCapabilities, TierUsage
 from .transport import Region, RemoteRegion, TransferOp, Transport
 
 __version__ = "0.1.0"
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Availability", "Backend", "BlockKey", "Buffer", "CapacityError", "ClosedError", "ConfigError",
     "Index", "IndexStats", "IntegrityError", "InvalidArgument", "Lease", "Location", "MemoryKind",
-    "NoOptions", "NodeInfo", "NotFound", "PegaflowError", "PluginError", "Region", "RemoteRegion", "StackContext", "Tier",
-    "TierCapabilities", "TierUsage", "TransferOp", "Transport", "TransportError", "__version__",
+    "NoOptions", "NodeInfo", "NotFound", "PegaflowError", "PluginError", "Region", "RemoteRegion", "SharedPool",
+    "StackContext", "Tier", "TierCapabilities", "TierUsage", "TransferOp", "Transport", "TransportError", "__version__",
     "byte_view", "format_size", "hookimpl", "parse_size",
 ]

@@ -17,11 +17,12 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 from google.protobuf.message import Message
 
 from . import __version__
@@ -221,8 +222,13 @@ class Servicer(pb_grpc.PegaflowServicer):
             raise
         log.info("registered %s: instance %s ns %s shard %d, %d blocks of %d bytes",
                  ctx.context_id, ctx.instance_id, ctx.namespace, ctx.shard, layout.num_blocks, layout.block_bytes)
-        return pb.RegisterContextResponse(context_id=ctx.context_id, block_bytes=layout.block_bytes,
-                                          daemon_id=self.daemon_id, packed_keys=True, local_socket=self.local_socket)
+        pool = self.stack.top[1].shared_pool()
+        return pb.RegisterContextResponse(
+            context_id=ctx.context_id, block_bytes=layout.block_bytes, daemon_id=self.daemon_id, packed_keys=True,
+            local_socket=self.local_socket,
+            pool=None if pool is None else pb.SharedPool(path=pool.path, data_offset=pool.data_offset,
+                                                         data_bytes=pool.data_bytes, chunk_bytes=pool.chunk_bytes),
+        )
 
     def _register_query_only(self, request: pb.RegisterContextRequest) -> pb.RegisterContextResponse:
         """A context without KV memory (a scheduler): it names its namespace's block size so a
@@ -335,7 +341,8 @@ class Servicer(pb_grpc.PegaflowServicer):
                 self.executor.submit(self.stack.release, first.lease_id)  # off the answer's path (Redis)
         if lease.hits == 0:
             return pb.QueryResponse(hit_blocks=0)
-        return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading)
+        located = self._offsets(lease.keys[: lease.hits], ctx) if request.locate and not loading else b""
+        return pb.QueryResponse(hit_blocks=lease.hits, lease_id=lease.lease_id, loading=loading, packed_offsets=located)
 
     def _query(self, keys: list[BlockKey], ttl: float, owner: str, ctx: EngineContext) -> tuple[Lease, bool]:
         """Lease the cached prefix of ``keys`` and start promoting its blocks held only lower
@@ -435,6 +442,26 @@ class Servicer(pb_grpc.PegaflowServicer):
                     f"not of this context ({ctx.namespace!r} shard {ctx.shard})"
                 )
         return ctx, lease, block_ids
+
+    @_rpc
+    async def Locate(self, request: pb.LoadRequest, context: grpc.aio.ServicerContext) -> pb.LocateResponse:
+        """The engine-side load's first half: where the lease's first blocks lie in the shared pool.
+        The client copies them and releases the lease; what is not ready in the top tier is -1, and
+        the client then sends a Load for the whole request instead."""
+        ctx, lease, block_ids = self._check_load(request)
+        return pb.LocateResponse(packed_offsets=self._offsets(lease.keys[: len(block_ids)], ctx),
+                                 block_bytes=ctx.block_bytes)
+
+    def _offsets(self, keys: Sequence[BlockKey], ctx: EngineContext) -> bytes:
+        """Packed pool offsets of leased blocks, -1 where the top tier has them not ready to read.
+        Blocks handed out whole are counted as ``located`` (an engine copies them itself); else
+        the client sends Load, which counts what the daemon copies as ``load``."""
+        name, top = self.stack.top
+        offsets = np.asarray(top.ready_offsets(keys), dtype="<i8")
+        if offsets.size and offsets.min() >= 0:
+            self.metrics.bytes.labels(name, "located").inc(offsets.size * ctx.block_bytes)
+            self.metrics.blocks.labels(name, "located").inc(offsets.size)
+        return offsets.tobytes()
 
     @_rpc
     async def Release(self, request: pb.ReleaseRequest, context: grpc.aio.ServicerContext) -> pb.ReleaseResponse:

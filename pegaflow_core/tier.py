@@ -54,6 +54,18 @@ class TierUsage:
 
 
 @dataclass(frozen=True)
+class SharedPool:
+    """A file holding a tier's blocks that another process on this machine may map read-only:
+    block offsets (``Tier.ready_offsets``) count from ``data_offset`` in it. No block straddles a
+    multiple of ``chunk_bytes`` (0: unknown), so a reader may page-lock it piece by piece."""
+
+    path: str
+    data_offset: int
+    data_bytes: int
+    chunk_bytes: int = 0
+
+
+@dataclass(frozen=True)
 class StackContext:
     """What a tier may need from the daemon beyond its options, handed over once by ``attach``:
     a remote tier reads the cluster index and moves bytes with the transport into the top tier's
@@ -143,6 +155,18 @@ class Tier(Backend, ABC):
     def view(self, keys: Sequence[BlockKey]) -> list[memoryview | None]:
         """Read-only views of committed blocks, valid while the caller holds a lease on them."""
         raise PluginError(f"tier {self.kind!r} does not offer host views")
+
+    # -- capability: a pool engines map ---------------------------------------------------------
+    def shared_pool(self) -> SharedPool | None:
+        """The file an engine process may map to copy this tier's blocks itself (the engine-side
+        load, docs/design.md); None (the default) when there is none."""
+        return None
+
+    def ready_offsets(self, keys: Sequence[BlockKey]) -> Any:
+        """Per key (an int64 array), the stored block's offset in ``shared_pool()``'s data region
+        when its bytes may be read as they are now, else -1 (missing, or to be verified first).
+        Valid while a lease holds them. Called on the daemon's event loop: keep it cheap."""
+        raise PluginError(f"tier {self.kind!r} does not share its pool")
 
     # -- capability: device_io -----------------------------------------------------------------
     def read_into_device(self, keys: Sequence[BlockKey], dests: Sequence[DeviceSegments]) -> list[bool]:

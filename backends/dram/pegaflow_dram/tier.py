@@ -33,6 +33,7 @@ from pegaflow_core import (
     ConfigError,
     InvalidArgument,
     MemoryKind,
+    SharedPool,
     Tier,
     TierCapabilities,
     TierUsage,
@@ -642,6 +643,25 @@ class DramTier(Tier):
                 slot = self._stored.get(key)
                 out.append(None if slot is None else (slot.offset, slot.nbytes))
             return out
+
+    def shared_pool(self) -> SharedPool:
+        """The pool file: engines map it to load blocks themselves, within its file permissions."""
+        geometry = self._pool.geometry
+        return SharedPool(str(self._pool.path), geometry.header_bytes, geometry.data_bytes, geometry.chunk_bytes)
+
+    def ready_offsets(self, keys: Sequence[BlockKey]) -> np.ndarray:
+        """Offsets of stored blocks; -1 also for one that ``view`` would verify first (recovered
+        from the journal, or ``verify: always``): the daemon's Load verifies it, and this stays a
+        dictionary walk cheap enough to answer on the daemon's event loop."""
+        keys = check_keys(keys)
+        checked = self._sealer is not None
+        always = self.options.verify == "always"
+        with self._lock:
+            self._check_open()
+            slots = map(self._stored.get, keys)
+            return np.fromiter(
+                (-1 if s is None or (checked and s.checksum is not None and (always or not s.verified)) else s.offset
+                 for s in slots), dtype=np.int64, count=len(keys))
 
     @property
     def pool_path(self) -> Path:
