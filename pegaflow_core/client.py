@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -27,6 +28,9 @@ from .errors import CapacityError, DaemonUnavailable, InvalidArgument, NotFound,
 from .layout import Plane
 from .local_rpc import LOCAL_METHODS, ErrorReply, LocalChannel, NotSent
 from .packed import pack_block_ids, pack_hashes
+
+if TYPE_CHECKING:
+    from .engine_copy import EngineLoad, EngineLoader
 
 log = logging.getLogger("pegaflow.client")
 T = TypeVar("T")
@@ -47,7 +51,9 @@ _CHANNEL_OPTIONS = [
 class RegionSpec:
     """KV memory the daemon reaches: a shared-memory file (``kind="shm"``, ``path``), memory of
     the engine process itself (``kind="cma"``, ``pid`` + ``address``: any CPU tensor) or GPU
-    memory (``kind="cuda_ipc"``, ``handle`` of the allocation, ``device`` and ``device_uuid``)."""
+    memory (``kind="cuda_ipc"``, ``handle`` of the allocation, ``device`` and ``device_uuid``).
+    ``address`` is where the region starts in the engine process; besides cma, the engine's own
+    side of a load (engine_copy.py) copies there."""
 
     nbytes: int
     path: str = ""
@@ -96,6 +102,18 @@ class ContextHandle:
     block_bytes: int = 0
     daemon_id: str = ""
     packed_keys: bool = False  # the daemon reads the packed form of ids and hashes (packed.py)
+    loader: EngineLoader | None = None  # copies this context's loads in this process (engine_copy.py)
+    pool: tuple[str, str] = ("", "")  # (daemon id, pool path) the loader maps
+    settled: threading.Event = field(default_factory=threading.Event)  # the loader was opened, or none will be
+
+    def engine_copy_ready(self, timeout_s: float = 120.0) -> bool:
+        """Wait until this context's loads are copied in this process (its loader opened and, on
+        a GPU, the pool registered with CUDA); False when they will not be, or not in time."""
+        deadline = time.monotonic() + timeout_s
+        if not self.settled.wait(timeout_s):
+            return False
+        loader = self.loader
+        return loader is not None and loader.settled.wait(max(0.0, deadline - time.monotonic())) and loader.ready
 
 
 @dataclass(frozen=True)
@@ -146,6 +164,27 @@ def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRe
     )
 
 
+class _Located:
+    """Pool offsets a Query answered with, by lease, until the load (or release) takes them.
+    Bounded: a lease queried and never loaded nor released must not grow it forever."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_lease: dict[str, bytes] = {}
+
+    def put(self, lease_id: str, packed: bytes) -> None:
+        with self._lock:
+            if len(self._by_lease) >= self.LIMIT:
+                del self._by_lease[next(iter(self._by_lease))]  # the oldest
+            self._by_lease[lease_id] = packed
+
+    def take(self, lease_id: str) -> bytes | None:
+        with self._lock:
+            return self._by_lease.pop(lease_id, None)
+
+
 class LoadHandle:
     """An asynchronous load. ``wait_layer(i)`` returns once layer ``i`` is in place, so the engine
     can compute layer i while later layers are still being copied."""
@@ -186,15 +225,19 @@ class LoadHandle:
 class PegaflowClient:
     """Synchronous client. Thread-safe; one per engine process is enough.
 
-    With ``local=True`` (the default) Save, Query, Release, Health and Load go over the daemon's
-    Unix socket once a context is registered, if the daemon has one and it leads to the same
-    daemon from here (local_rpc.py); everything else, and every call when it does not, uses gRPC."""
+    With ``local=True`` (the default) Save, Query, Release, Health, Load and Locate go over the
+    daemon's Unix socket once a context is registered, if the daemon has one and it leads to the
+    same daemon from here (local_rpc.py); everything else, and every call when it does not, uses
+    gRPC. With ``engine_copy=True`` (the default; ``PEGAFLOW_ENGINE_COPY=0`` turns it off) a
+    context whose memory kind can copy in this process loads from the daemon's pool itself
+    (engine_copy.py)."""
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout_s: float = 5.0, description: str = "",
-                 local: bool = True) -> None:
+                 local: bool = True, engine_copy: bool | None = None) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self.local = local
+        self.engine_copy = os.environ.get("PEGAFLOW_ENGINE_COPY", "1") != "0" if engine_copy is None else engine_copy
         self._local: LocalChannel | None = None
         self.session_id = uuid.uuid4().hex
         self.description = description
@@ -203,6 +246,7 @@ class PegaflowClient:
         self._lock = threading.Lock()
         self._register_lock = threading.Lock()  # one registration at a time: see _register_again
         self._contexts: list[ContextHandle] = []
+        self._located = _Located()  # offsets of leased blocks from Query answers, until their load
         self._closed = threading.Event()
         self.daemon_id = ""
         self._session_thread = threading.Thread(target=self._session_loop, name="pegaflow-session", daemon=True)
@@ -367,11 +411,45 @@ class PegaflowClient:
         handle.context_id, handle.block_bytes, handle.daemon_id = reply.context_id, reply.block_bytes, reply.daemon_id
         handle.packed_keys = reply.packed_keys
         self._use_local(reply.local_socket, reply.daemon_id)
+        self._map_pool(handle, reply)
+
+    def _map_pool(self, handle: ContextHandle, reply: pb.RegisterContextResponse) -> None:
+        """Keep, replace or drop the context's loader for the pool this registration named."""
+        from .engine_copy import open_engine_loader
+        from .tier import SharedPool
+
+        offered = reply.HasField("pool") and reply.pool.path and self.engine_copy and self._local is not None
+        wanted = (reply.daemon_id, reply.pool.path) if offered else ("", "")
+        if handle.pool == wanted:
+            return
+        old, handle.loader, handle.pool = handle.loader, None, wanted
+        if old is not None:
+            old.close()
+        if not offered:
+            handle.settled.set()
+            return
+        handle.settled.clear()
+        p = reply.pool
+        pool = SharedPool(p.path, p.data_offset, p.data_bytes, p.chunk_bytes)
+
+        def open_loader() -> None:  # off the registration: loading the plugins, mapping the pool
+            loader = open_engine_loader(handle.spec, pool)
+            with self._register_lock:
+                if handle.pool == wanted and handle.loader is None and not self._closed.is_set():
+                    handle.loader, loader = loader, None
+                handle.settled.set()
+            if loader is not None:
+                loader.close()
+
+        threading.Thread(target=open_loader, name="pegaflow-engine-loader", daemon=True).start()
 
     def unregister_context(self, handle: ContextHandle) -> None:
         with self._lock:
             if handle in self._contexts:
                 self._contexts.remove(handle)
+        loader, handle.loader, handle.pool = handle.loader, None, ("", "")
+        if loader is not None:
+            loader.close()
         if handle.context_id:
             try:
                 self._call("UnregisterContext", pb.UnregisterContextRequest(context_id=handle.context_id), "unregister_context")
@@ -397,27 +475,69 @@ class PegaflowClient:
         waits up to that long for those blocks first, so a caller that can block gets them
         without polling."""
         packed = pack_hashes(block_hashes)
+        # A context that loads in this process asks where the hits are too, saving its load a Locate.
+        locate = handle.loader is not None and handle.loader.ready
 
         def request(cid: str) -> pb.QueryRequest:
             if packed is None or not handle.packed_keys:
                 return pb.QueryRequest(context_id=cid, block_hashes=list(block_hashes), lease_ttl_s=lease_ttl_s,
-                                       wait_s=wait_s)
+                                       wait_s=wait_s, locate=locate)
             return pb.QueryRequest(context_id=cid, packed_block_hashes=packed[0], hash_bytes=packed[1],
-                                   lease_ttl_s=lease_ttl_s, wait_s=wait_s)
+                                   lease_ttl_s=lease_ttl_s, wait_s=wait_s, locate=locate)
 
         waits = wait_s if isinstance(wait_s, (int, float)) and 0 < wait_s < math.inf else 0.0  # the daemon judges the value
         reply = self._with_context(handle, "Query", request, "query", self.timeout_s + waits)
+        if reply.packed_offsets:
+            self._located.put(reply.lease_id, reply.packed_offsets)
         return QueryResult(reply.hit_blocks, reply.lease_id, reply.loading)
 
-    def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True) -> LoadHandle:
+    def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True,
+             engine_copy: bool = True) -> LoadHandle | EngineLoad:
+        """Copy the lease's first ``len(block_ids)`` blocks into those engine blocks, layer by
+        layer: in this process when the context's loader is ready and the daemon has them all
+        ready in its pool (engine_copy.py; ``engine_copy=False``: never, for comparisons), else
+        by the daemon."""
         if not handle.context_id:
             self._register_again(handle, "")
         request = pb.LoadRequest(context_id=handle.context_id, lease_id=lease_id, block_ids=list(block_ids), release_after=release_after)
+        loader = handle.loader
+        if engine_copy and loader is not None and loader.ready and block_ids:
+            started = self._load_here(handle, loader, request)
+            if started is not None:
+                return started
         timeout = max(self.timeout_s, 60.0)
         stream = self._over_local(lambda channel: channel.stream("Load", request, timeout))
         if stream is None:
             stream = self._stub.Load(request, timeout=timeout)
         return LoadHandle(stream, handle.spec.num_layers)
+
+    def _load_here(self, handle: ContextHandle, loader: EngineLoader, request: pb.LoadRequest) -> EngineLoad | None:
+        """Ask where the blocks are and copy them in this process; None: the daemon loads them (a
+        block not ready in its pool, or an error, which the daemon's Load then reports)."""
+        import numpy as np
+
+        count = len(request.block_ids)
+        packed = self._located.take(request.lease_id)
+        if packed is None or len(packed) < 8 * count:
+            try:
+                packed = self._call("Locate", request, "locate").packed_offsets
+            except PegaflowError as exc:
+                log.debug("locate failed (%s); the daemon loads", exc)
+                return None
+        offsets = np.frombuffer(packed, dtype="<i8", count=min(count, len(packed) // 8))
+        if offsets.size != count or offsets.min() < 0:
+            return None
+        lease_id = request.lease_id
+        after = (lambda: self._release_quietly(lease_id)) if request.release_after else None
+        return loader.start(request.block_ids, offsets, handle.spec.num_layers, handle.block_bytes, after)
+
+    def _release_quietly(self, lease_id: str) -> None:
+        """After an engine-side load: a daemon that cannot be reached frees the lease itself
+        (its TTL, or the end of this session)."""
+        try:
+            self.release([lease_id])
+        except PegaflowError as exc:
+            log.debug("release of %s after an engine-side load failed: %s", lease_id, exc)
 
     def probe_remote(self, handle: ContextHandle, node: str, block_hashes: Sequence[bytes]) -> tuple[int, float]:
         """(bytes, seconds) of the bare transport moving these blocks from ``node``, which holds
@@ -427,6 +547,8 @@ class PegaflowClient:
         return reply.bytes, reply.seconds
 
     def release(self, lease_ids: Sequence[str]) -> int:
+        for lease_id in lease_ids:
+            self._located.take(lease_id)
         return self._call("Release", pb.ReleaseRequest(lease_ids=[l for l in lease_ids if l]), "release").released
 
     def stats(self) -> pb.StatsResponse:
@@ -436,6 +558,10 @@ class PegaflowClient:
         """Unregister nothing explicitly: closing the session frees this client's leases and
         contexts on the daemon side."""
         self._closed.set()
+        for handle in list(self._contexts):
+            loader, handle.loader = handle.loader, None
+            if loader is not None:
+                loader.close()
         self._drop_local(self._local)
         call = getattr(self, "_session_call", None)
         if call is not None:

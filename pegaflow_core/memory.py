@@ -16,11 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from .backend import Backend
 from .contexts import EngineRegion
 from .layout import KVLayout
+
+if TYPE_CHECKING:
+    from .client import ContextSpec
+    from .engine_copy import EngineLoader
+    from .tier import SharedPool
 
 #: ``landed(indices)``: the stored blocks at these indices of a gather's ``dests`` are whole.
 Landed = Callable[[Sequence[int]], None]
@@ -76,3 +81,10 @@ class EngineMemory(Backend):
 
     def close(self) -> None:
         """Release the kind's copy resources (after every region was closed)."""
+
+    @classmethod
+    def engine_loader(cls, spec: ContextSpec, pool: SharedPool) -> EngineLoader | None:
+        """Called in the engine's process, not the daemon's: a loader that copies blocks from the
+        daemon's ``pool`` into the KV memory ``spec`` registers (engine_copy.py), or None (the
+        default) to leave every load to the daemon."""
+        return None

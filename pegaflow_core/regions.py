@@ -93,14 +93,17 @@ def find_shm_mapping(address: int, nbytes: int) -> tuple[str, int, int] | None:
 def _cuda_ipc_region(storage: Any, device: int) -> Region:
     """Export the CUDA allocation holding ``storage``. torch's IPC handle names the whole
     cudaMalloc block; ``offset`` says where the storage starts inside it, so the region is the
-    block from its start and plane offsets shift by that amount."""
+    block from its start and plane offsets shift by that amount; ``address`` is that start in this
+    process."""
     import torch  # only reached with a CUDA tensor in hand
 
     shared = storage._share_cuda_()
     # (device, handle, storage_size_bytes, storage_offset_bytes, ref_counter_handle, ...)
     handle, size, offset = _raw_ipc_handle(bytes(shared[1])), int(shared[2]), int(shared[3])
     uuid = str(torch.cuda.get_device_properties(device).uuid)
-    return Region(RegionSpec(nbytes=offset + size, kind="cuda_ipc", handle=handle, device=device, device_uuid=uuid), offset)
+    start = storage.data_ptr() - offset  # the allocation's start here: the engine-side load copies there
+    return Region(RegionSpec(nbytes=offset + size, kind="cuda_ipc", handle=handle, device=device, device_uuid=uuid,
+                             address=start), offset)
 
 
 _IPC_HANDLE_BYTES = 64  # sizeof(cudaIpcMemHandle_t)
