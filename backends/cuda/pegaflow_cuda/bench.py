@@ -124,7 +124,8 @@ def run_shape(client: PegaflowClient, shape: Shape, tokens: int, iterations: int
     torch.cuda.synchronize()
     handle = client.register_context(cache.context_spec(f"bench-gpu-{shape.name}"))
     nbytes = blocks * shape.layers * shape.planes_per_layer * shape.plane_bytes
-    save_s, load_s, query_s = [], [], []
+    save_s, load_s, query_s, engine_load_s = [], [], [], []
+    here = handle.engine_copy_ready()  # this process may load by itself too (engine_copy.py)
     try:
         for it in range(iterations):
             src = _scattered(cache.num_blocks, blocks, 2 * it)
@@ -139,11 +140,24 @@ def run_shape(client: PegaflowClient, shape: Shape, tokens: int, iterations: int
             query_s.append(time.perf_counter() - t)
             assert hit.hit_blocks == len(dst), f"expected {len(dst)} hits, got {hit.hit_blocks}"
             t = time.perf_counter()
-            loaded = client.load(handle, hit.lease_id, dst, release_after=True).wait()
+            loaded = client.load(handle, hit.lease_id, dst, release_after=True, engine_copy=False).wait()
             load_s.append(time.perf_counter() - t)
             assert not loaded.failed_block_ids, f"failed blocks {loaded.failed_block_ids[:5]}"
             if not torch.equal(cache.blocks(src[: len(dst)]), cache.blocks(dst)):
                 raise AssertionError(f"{shape.name}: loaded blocks differ from the saved ones")
+            if here:  # the same blocks again, copied by this process from its mapping of the pool
+                expected = cache.blocks(dst)
+                cache.flat.add_(1)
+                torch.cuda.synchronize()
+                hit = client.query(handle, hashes)
+                t = time.perf_counter()
+                load = client.load(handle, hit.lease_id, dst, release_after=True)
+                loaded = load.wait()
+                engine_load_s.append(time.perf_counter() - t)
+                assert type(load).__name__ == "EngineLoad" and not loaded.failed_block_ids
+                if not torch.equal(expected, cache.blocks(dst)):
+                    raise AssertionError(f"{shape.name}: blocks loaded by the engine differ from the saved ones")
+                del expected
             cache.flat.add_(1)  # next round saves different bytes
             torch.cuda.synchronize()
     finally:
@@ -158,7 +172,8 @@ def run_shape(client: PegaflowClient, shape: Shape, tokens: int, iterations: int
         "save_gbps_best": nbytes / min(save_s) / 1e9,
         "load_gbps_best": nbytes / min(load_s) / 1e9,
         "query_ms_p50": 1e3 * _pct(query_s, 0.5),
-    }
+    } | ({"engine_load_gbps": nbytes / statistics.median(engine_load_s) / 1e9,
+          "engine_load_gbps_best": nbytes / min(engine_load_s) / 1e9} if engine_load_s else {})
 
 
 def query_latency(client: PegaflowClient, device: int, rounds: int) -> dict[str, float]:
@@ -198,6 +213,8 @@ def startup(pool: int) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Save and load through the daemon over CUDA IPC (``load_gbps``: the daemon copies), and the
+    same loads copied by this process from its mapping of the pool (``engine_load_gbps``)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -231,7 +248,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "llama_load_vs_h2d": llama["load_gbps"] / h2d,
             "mla_save_vs_d2h": mla["save_gbps"] / d2h,
             "mla_load_vs_h2d": mla["load_gbps"] / h2d,
-        },
+        } | {f"{name}_engine_load_vs_h2d": f["engine_load_gbps"] / h2d
+             for name, f in (("llama", llama), ("mla", mla)) if "engine_load_gbps" in f},
     }
 
 

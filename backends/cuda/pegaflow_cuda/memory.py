@@ -17,11 +17,14 @@ import numpy as np
 
 from pegaflow_core.backend import Availability
 from pegaflow_core.buffers import pick
+from pegaflow_core.client import ContextSpec
 from pegaflow_core.contexts import EngineRegion
 from pegaflow_core.copier import block_addresses
+from pegaflow_core.engine_copy import EngineLoader
 from pegaflow_core.errors import InvalidArgument, PegaflowError
 from pegaflow_core.layout import KVLayout
 from pegaflow_core.memory import EngineMemory, Landed, RegionRequest
+from pegaflow_core.tier import SharedPool
 
 from . import driver
 from .driver import CudaError, Device, check
@@ -156,6 +159,16 @@ class CudaIpcMemory(EngineMemory):
         gpu = self._gpus[_one_device(regions)]
         blocks = _blocks(layout, regions, [block_ids[i] for i in rows], pick(sources, rows))
         gpu.load.load(blocks, groups, on_layer)
+
+    @classmethod
+    def engine_loader(cls, spec: ContextSpec, pool: SharedPool) -> EngineLoader | None:
+        """The engine process's own lane (engine_loader.py), when the spec says where its regions
+        start in that process."""
+        if not all(r.address for r in spec.regions):
+            return None
+        from .engine_loader import CudaEngineLoader
+
+        return CudaEngineLoader(spec, pool)
 
     def fallback_segments(self) -> int:
         """Segments copied by the driver because their pool memory was not pinned yet."""

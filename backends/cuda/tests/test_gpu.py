@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -18,7 +19,8 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
-from pegaflow_core.client import ContextSpec, PegaflowClient  # noqa: E402
+from pegaflow_core.client import ContextSpec, LoadHandle, PegaflowClient  # noqa: E402
+from pegaflow_core.engine_copy import EngineLoad  # noqa: E402
 from pegaflow_core.errors import InvalidArgument  # noqa: E402
 from pegaflow_core.launcher import DaemonProcess  # noqa: E402
 from pegaflow_core.layout import Plane  # noqa: E402
@@ -88,6 +90,53 @@ def test_two_engines_share_blocks_and_mla_is_stored_once_for_every_rank(client):
     hit = client.query(h1, keys)
     client.load(h1, hit.lease_id, [10, 11, 12, 13, 14], release_after=True).wait()
     assert torch.equal(rank0.blocks([0, 1, 2, 3, 4]), rank1.blocks([10, 11, 12, 13, 14]))
+
+
+def loader_ready(handle, timeout_s: float = 60.0) -> None:
+    """The engine-side loader maps the pool and registers it with CUDA in the background."""
+    assert handle.engine_copy_ready(timeout_s), "the engine-side loader did not become ready"
+
+
+def test_engine_side_load_lands_the_same_bytes_layer_by_layer_and_releases(client):
+    cache = filled(SMALL, 64, seed=11)
+    handle = client.register_context(cache.context_spec("engine-side"))
+    loader_ready(handle)
+    src, dst = [4, 40, 13, 61, 2, 33], [8, 19, 57, 1, 44, 26]
+    keys = hashes("engine-side", len(src))
+    assert client.save(handle, src, keys).stored == len(src)
+    hit = client.query(handle, keys)
+    load = client.load(handle, hit.lease_id, dst)
+    assert isinstance(load, EngineLoad)
+    index_src = torch.tensor(src, device="cuda")
+    index_dst = torch.tensor(dst, device="cuda")
+    for layer in range(SMALL.layers):
+        load.wait_layer(layer)
+        assert torch.equal(cache.layers[layer].index_select(1, index_src), cache.layers[layer].index_select(1, index_dst))
+    assert not load.wait().failed_block_ids
+    deadline = time.monotonic() + 10
+    while client.stats().leases:  # the client releases the lease once its copy is done
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # the same request copied by the daemon, for comparison, lands the same bytes
+    cache.layers[0].index_fill_(1, index_dst, 0)
+    torch.cuda.synchronize()
+    hit = client.query(handle, keys)
+    load = client.load(handle, hit.lease_id, dst, engine_copy=False)
+    assert isinstance(load, LoadHandle) and not load.wait().failed_block_ids
+    assert torch.equal(cache.blocks(src), cache.blocks(dst))
+
+
+def test_engine_side_load_into_another_rank_of_an_mla_model(client):
+    rank0, rank1 = filled(MLA, 16, seed=12), filled(MLA, 16, seed=13)
+    h0 = client.register_context(ContextSpec(**{**rank0.context_spec("mla-es-r0").__dict__, "tp_rank": 0, "tp_size": 2}))
+    h1 = client.register_context(ContextSpec(**{**rank1.context_spec("mla-es-r1").__dict__, "tp_rank": 1, "tp_size": 2}))
+    loader_ready(h1)
+    keys = hashes("mla-es", 6)
+    assert client.save(h0, [0, 1, 2, 3, 4, 5], keys).stored == 6
+    hit = client.query(h1, keys)
+    load = client.load(h1, hit.lease_id, [15, 9, 11, 7, 13, 6])
+    assert isinstance(load, EngineLoad) and not load.wait().failed_block_ids
+    assert torch.equal(rank0.blocks([0, 1, 2, 3, 4, 5]), rank1.blocks([15, 9, 11, 7, 13, 6]))
 
 
 def test_one_region_per_layer_and_allocations_shared_by_several_regions(client):
