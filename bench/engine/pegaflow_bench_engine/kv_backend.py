@@ -77,6 +77,7 @@ class PegaflowBackend:
     def __init__(self, endpoint: str, memory: str = "auto", loading_timeout_s: float = 30.0,
                  poll_interval_s: float = 0.002) -> None:
         self.client = PegaflowClient(endpoint, timeout_s=30.0, description="pegaflow bench engine")
+        self.engine_copy = True  # False: the daemon copies every load (the comparison in ``ttft``)
         self.memory = memory
         self.loading_timeout_s = loading_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -111,7 +112,12 @@ class PegaflowBackend:
     def load(self, hit: Hit, block_ids: Sequence[int]) -> LayerLoad:
         if self._on_cuda:
             torch.cuda.current_stream().synchronize()  # the daemon writes on its own streams
-        return _PegaflowLoad(self.client.load(self.handle, hit.lease, list(block_ids)), block_ids)
+        return _PegaflowLoad(self.client.load(self.handle, hit.lease, list(block_ids), engine_copy=self.engine_copy),
+                             block_ids)
+
+    def engine_copy_ready(self, timeout_s: float = 120.0) -> bool:
+        """Wait until this process copies loads itself (engine_copy.py); False when it will not."""
+        return self.handle is not None and self.handle.engine_copy_ready(timeout_s)
 
     def save(self, block_ids: Sequence[int], hashes: Sequence[bytes]) -> int:
         if self.handle is None or not block_ids:

@@ -4,8 +4,9 @@ One engine in this process, its weights generated once. Phases, all in one run:
 
 1. no KV backend: N prompts computed from scratch (the engine alone; baseline of the overhead);
 2. DRAM daemon: N new prompts cold (miss, compute, save), then the same N warm (hit all but the
-   last block, load layer by layer, compute one block), then the sweep: prompts that share a
-   growing prefix with a cached one;
+   last block, load layer by layer, compute one block), each twice where the engine can copy
+   loads itself (engine_copy.py): so, and by the daemon, alternating; then the sweep: prompts
+   that share a growing prefix with a cached one;
 3. SSD daemon (a DRAM tier of 1.5 prompts over an SSD tier): N+2 prompts saved, so the first N
    were evicted to the SSD, then those N again: the Query answers ``loading`` while the daemon
    promotes them, the engine asks again, then loads.
@@ -48,13 +49,21 @@ def run(settings: Settings) -> dict[str, Any]:
         progress(f"no KV backend: {N} prompts")
         with kv_server(settings, dram) as server:
             progress(f"DRAM daemon serving, pool {dram / 1e9:.1f} GB")
-            engine.use_backend(server.backend())
+            backend = server.backend()
+            engine.use_backend(backend)
+            copy_here = getattr(backend, "engine_copy_ready", lambda: False)()
+            progress(f"loads copied by {'the engine itself (daemon for comparison)' if copy_here else 'the daemon'}")
             warm_up = fresh()
             engine.prefill(warm_up), engine.prefill(warm_up)  # the load path once, uncounted
             prompts = [fresh() for _ in range(N)]
             cold = [engine.prefill(p) for p in prompts]
             progress(f"cold: {N} prompts")
-            warm = [engine.prefill(p) for p in prompts]
+            warm, by_daemon = [], []
+            for i, p in enumerate(prompts):  # engine-side and daemon copies alternate, same prompts
+                for here in ((True, False) if i % 2 == 0 else (False, True)) if copy_here else (True,):
+                    backend.engine_copy = here
+                    (warm if here else by_daemon).append(engine.prefill(p))
+            backend.engine_copy = True
             progress(f"warm: {N} prompts")
             base = prompts[0]
             sweep = []
@@ -69,7 +78,7 @@ def run(settings: Settings) -> dict[str, Any]:
     finally:
         engine.close()
     plot = write_sweep(sweep, settings.out_dir, f"{shape.name}, {T}-token prompts, {settings.device} ({settings.backend})")
-    return _report(settings, no_cache, cold, warm, ssd, sweep, plot)
+    return _report(settings, no_cache, cold, warm, by_daemon, ssd, sweep, plot)
 
 
 def _warm_ssd(settings: Settings, engine: Engine, fresh: Any, prompt_bytes: int) -> list[Prefill]:
@@ -85,12 +94,13 @@ def _warm_ssd(settings: Settings, engine: Engine, fresh: Any, prompt_bytes: int)
     return results
 
 
-def _report(settings: Settings, no_cache: list[Prefill], cold: list[Prefill], warm: list[Prefill], ssd: list[Prefill],
-            sweep: list[dict[str, Any]], plot: str) -> dict[str, Any]:
+def _report(settings: Settings, no_cache: list[Prefill], cold: list[Prefill], warm: list[Prefill],
+            by_daemon: list[Prefill], ssd: list[Prefill], sweep: list[dict[str, Any]], plot: str) -> dict[str, Any]:
     T = settings.prompt_tokens
     rows, figures = [], {}
-    for name, runs in (("no KV backend", no_cache), ("cold (miss, compute, save)", cold), ("warm, DRAM", warm),
-                       ("warm, SSD", ssd)):
+    phases = [("no KV backend", no_cache), ("cold (miss, compute, save)", cold), ("warm, DRAM", warm),
+              ("warm, DRAM, daemon copies", by_daemon), ("warm, SSD", ssd)]
+    for name, runs in [(name, runs) for name, runs in phases if runs]:
         s = summary([r.ttft_s for r in runs])
         hit = sum(r.hit_tokens for r in runs) / max(1, sum(r.tokens for r in runs))
         key = name.split(" (")[0].replace(", ", "_").replace(" ", "_").lower()
@@ -110,6 +120,8 @@ def _report(settings: Settings, no_cache: list[Prefill], cold: list[Prefill], wa
         "cold / warm_dram (mean)": ratio(cold_s["mean_ms"], warm_s["mean_ms"]),
         "cold / warm_dram (p99)": ratio(cold_s["p99_ms"], warm_s["p99_ms"]),
         "cold / warm_ssd (mean)": ratio(cold_s["mean_ms"], ssd_s["mean_ms"]),
+        **({"cold / warm_dram, daemon copies (mean)": ratio(cold_s["mean_ms"], figures["warm_dram_daemon_copies"]["mean_ms"])}
+           if by_daemon else {}),
         "cold / no KV backend (mean): miss overhead": ratio(cold_s["mean_ms"], figures["no_kv_backend"]["mean_ms"]),
     }
     say(table(f"TTFT, {T}-token prompts ({settings.shape.name}, {settings.device}, backend {settings.backend})",
