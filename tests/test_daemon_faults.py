@@ -13,7 +13,7 @@ from pegaflow_core.client import PegaflowClient
 from pegaflow_core.launcher import DaemonProcess, free_port
 from pegaflow_core.sim_engine import SimulatedEngine
 
-from daemon_helpers import SMALL, dram_config
+from daemon_helpers import SMALL, dram_config, wait_for
 
 CLIENT = textwrap.dedent(
     """
@@ -46,13 +46,6 @@ def spawn_client(endpoint: str, keep_saving: bool) -> subprocess.Popen[str]:
     line = proc.stdout.readline()
     assert line.startswith("READY 200"), line
     return proc
-
-
-def wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 def test_killed_client_frees_its_leases_and_contexts():

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 
 import pytest
 
-from daemon_helpers import SMALL, dram_config
+from daemon_helpers import SMALL, dram_config, wait_for
 from pegaflow_core._proto import pegaflow_pb2 as pb
 from pegaflow_core.client import LoadHandle, PegaflowClient
 from pegaflow_core.engine_copy import EngineLoad
@@ -30,20 +29,22 @@ def daemon():
         yield d
 
 
-def wait_for(predicate, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
-def load(engine: SimulatedEngine, prompt: list[int], blocks: int, release_after: bool = True):
+def load(engine: SimulatedEngine, prompt: list[int], blocks: int):
+    """Query the prompt's blocks (``blocks`` hits expected) and start loading them."""
     hashes = block_hashes(prompt, SMALL.block_size)
     hit = engine.client.query(engine.handle, hashes)
     assert hit.hit_blocks == blocks
     ids = engine.allocate(blocks)
-    handle = engine.client.load(engine.handle, hit.lease_id, ids, release_after=release_after)
-    return handle, ids, hashes, hit.lease_id
+    return engine.client.load(engine.handle, hit.lease_id, ids), ids, hashes
+
+
+def saved_then_loaded(engine: SimulatedEngine, seed: int, blocks: int, by: type) -> None:
+    """Compute and save a prompt, load it back: by ``by`` (EngineLoad or LoadHandle), exact bytes."""
+    prompt = tokens(16 * blocks, seed)
+    engine.prefill(prompt)
+    handle, ids, hashes = load(engine, prompt, blocks)
+    assert isinstance(handle, by) and handle.wait().failed_block_ids == ()
+    assert all(block_matches(engine.cache, b, h) for b, h in zip(ids, hashes))
 
 
 def test_cma_engine_copies_its_hits_from_the_mapped_pool_layer_by_layer(daemon):
@@ -53,7 +54,7 @@ def test_cma_engine_copies_its_hits_from_the_mapped_pool_layer_by_layer(daemon):
             assert engine.handle.engine_copy_ready(10)  # opened off the registration's path
             prompt = tokens(16 * 12, seed=1)
             engine.prefill(prompt)
-            handle, ids, hashes, _ = load(engine, prompt, 12)
+            handle, ids, hashes = load(engine, prompt, 12)
             assert isinstance(handle, EngineLoad)
             seen = []
             for layer in range(6):
@@ -74,11 +75,7 @@ def test_without_engine_copy_the_daemon_loads_the_same_bytes(daemon):
         engine = SimulatedEngine(client, SMALL, model="daemon-copy", memory="cma")
         try:
             assert not engine.handle.engine_copy_ready(10) and engine.handle.loader is None
-            prompt = tokens(16 * 8, seed=2)
-            engine.prefill(prompt)
-            handle, ids, hashes, _ = load(engine, prompt, 8)
-            assert isinstance(handle, LoadHandle) and handle.wait().failed_block_ids == ()
-            assert all(block_matches(engine.cache, b, h) for b, h in zip(ids, hashes))
+            saved_then_loaded(engine, seed=2, blocks=8, by=LoadHandle)
         finally:
             engine.close()
 
@@ -135,10 +132,10 @@ def test_blocks_recovered_after_a_restart_are_verified_by_the_daemon_first(tmp_p
             engine = SimulatedEngine(client, SMALL, model="recovered", memory="cma")
             try:
                 assert engine.handle.engine_copy_ready(10)
-                handle, ids, hashes, _ = load(engine, prompt, 6)
+                handle, ids, hashes = load(engine, prompt, 6)
                 assert isinstance(handle, LoadHandle)  # not verified since the restart: the daemon checks them
                 assert handle.wait().failed_block_ids == ()
-                handle, ids, hashes, _ = load(engine, prompt, 6)
+                handle, ids, hashes = load(engine, prompt, 6)
                 assert isinstance(handle, EngineLoad)  # verified now: the engine copies them
                 assert handle.wait().failed_block_ids == ()
                 assert all(block_matches(engine.cache, b, h) for b, h in zip(ids, hashes))
@@ -149,9 +146,9 @@ def test_blocks_recovered_after_a_restart_are_verified_by_the_daemon_first(tmp_p
 
 
 def test_a_restarted_daemon_gets_its_new_pool_mapped(tmp_path):
-    port = free_port()
-    config = f"server: {{listen: '127.0.0.1:{port}'}}\n" + dram_config().split("\n", 1)[1]
+    config = f"server: {{listen: '127.0.0.1:{free_port()}'}}\n" + dram_config().split("\n", 1)[1]
     first = DaemonProcess(config, workdir=tmp_path).start()
+    second = None
     with PegaflowClient(first.endpoint, timeout_s=10) as client:
         engine = SimulatedEngine(client, SMALL, model="remap", memory="cma")
         try:
@@ -159,17 +156,11 @@ def test_a_restarted_daemon_gets_its_new_pool_mapped(tmp_path):
             old = engine.handle.loader
             first.close()
             second = DaemonProcess(config, workdir=tmp_path).start()
-            try:
-                wait_for(lambda: engine.handle.loader is not None and engine.handle.loader is not old, 10)
-                assert engine.handle.engine_copy_ready(10)
-                assert engine.handle.pool[1] != old.pool.pool.path  # an unnamed pool: a new file
-                prompt = tokens(16 * 5, seed=5)
-                engine.prefill(prompt)
-                handle, ids, hashes, _ = load(engine, prompt, 5)
-                assert isinstance(handle, EngineLoad) and handle.wait().failed_block_ids == ()
-                assert all(block_matches(engine.cache, b, h) for b, h in zip(ids, hashes))
-            finally:
-                engine.close()
-                second.close()
+            wait_for(lambda: engine.handle.loader is not None and engine.handle.loader is not old)
+            assert engine.handle.engine_copy_ready(10)
+            assert engine.handle.pool[1] != old.pool.pool.path  # an unnamed pool: a new file
+            saved_then_loaded(engine, seed=5, blocks=5, by=EngineLoad)
         finally:
-            pass
+            engine.close()
+            if second is not None:
+                second.close()
