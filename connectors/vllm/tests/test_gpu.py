@@ -162,6 +162,36 @@ def test_gpu_kv_round_trips_layer_by_layer_over_cuda_ipc(daemon, make, order, pl
         w.shutdown()
 
 
+def test_the_worker_copies_its_loads_itself_with_the_schedulers_lease(daemon):
+    """vLLM's scheduler queries in another process, so the worker's load asks Locate for the
+    offsets and copies from its own mapping of the daemon's pool (engine_copy.py)."""
+    from pegaflow_core.client import ContextSpec, PegaflowClient
+    from pegaflow_core.engine_copy import EngineLoad
+
+    kv = default_layout_caches()
+    w = worker(daemon, layout("NHC"), "gpu-engine-side")
+    try:
+        w.register_kv_caches(kv, NUM_BLOCKS)
+        assert w.handle.engine_copy_ready(60)
+        src, dst = [6, 7, 30, 41], [12, 61, 8, 33]
+        fill(kv, src, seed=21)
+        expected = snapshot(kv, src)
+        block_hashes = hashes(len(src), "engine-side")
+        save(w, src, block_hashes)
+        with PegaflowClient(daemon.endpoint, timeout_s=10) as scheduler_client:
+            scheduler = SimpleNamespace(client=scheduler_client, namespace=w.namespace, shard=w.shard,
+                                        handle=scheduler_client.register_context(
+                                            ContextSpec.query_only(w.namespace, w.handle.block_bytes)))
+            started = []
+            original = w.client.load
+            w.client.load = lambda *a, **k: started.append(original(*a, **k)) or started[-1]
+            assert load(w, kv, dst, block_hashes, querier=scheduler) == set()
+        assert [type(h) for h in started] == [EngineLoad]
+        assert same(snapshot(kv, dst), expected)
+    finally:
+        w.shutdown()
+
+
 def test_mla_tp2_stored_once_and_loaded_by_rank_1(daemon):
     rank_caches = [mla_caches(), mla_caches()]
     ranks = [worker(daemon, layout("NC", mla=True, tp=2), f"mla-{r}", tp_rank=r, tp=2) for r in range(2)]
