@@ -165,22 +165,23 @@ def register_request(spec: ContextSpec, session_id: str) -> pb.RegisterContextRe
 
 
 class _Located:
-    """Pool offsets a Query answered with, by lease, until the load (or release) takes them.
+    """Pool offsets a Query answered with (and the loader of that pool), by lease, until the load
+    (or release) takes them.
     Bounded: a lease queried and never loaded nor released must not grow it forever."""
 
     LIMIT = 256
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_lease: dict[str, bytes] = {}
+        self._by_lease: dict[str, tuple[EngineLoader, bytes]] = {}
 
-    def put(self, lease_id: str, packed: bytes) -> None:
+    def put(self, lease_id: str, packed: tuple[EngineLoader, bytes]) -> None:
         with self._lock:
             if len(self._by_lease) >= self.LIMIT:
                 del self._by_lease[next(iter(self._by_lease))]  # the oldest
             self._by_lease[lease_id] = packed
 
-    def take(self, lease_id: str) -> bytes | None:
+    def take(self, lease_id: str) -> tuple[EngineLoader, bytes] | None:
         with self._lock:
             return self._by_lease.pop(lease_id, None)
 
@@ -312,7 +313,7 @@ class PegaflowClient:
 
     @property
     def local_socket(self) -> str | None:
-        """The Unix socket this client sends Save/Query/Release/Health/Load to, or None while it uses gRPC."""
+        """The Unix socket this client sends Save/Query/Release/Health/Load/Locate to, or None while it uses gRPC."""
         local = self._local
         return local.path if local is not None else None
 
@@ -487,8 +488,10 @@ class PegaflowClient:
 
         waits = wait_s if isinstance(wait_s, (int, float)) and 0 < wait_s < math.inf else 0.0  # the daemon judges the value
         reply = self._with_context(handle, "Query", request, "query", self.timeout_s + waits)
-        if reply.packed_offsets:
-            self._located.put(reply.lease_id, reply.packed_offsets)
+        if reply.packed_offsets and handle.loader is not None:
+            # Kept with the loader whose pool they index: after a daemon restart the handle maps
+            # another pool, where these offsets mean nothing.
+            self._located.put(reply.lease_id, (handle.loader, reply.packed_offsets))
         return QueryResult(reply.hit_blocks, reply.lease_id, reply.loading)
 
     def load(self, handle: ContextHandle, lease_id: str, block_ids: Sequence[int], release_after: bool = True,
@@ -517,7 +520,8 @@ class PegaflowClient:
         import numpy as np
 
         count = len(request.block_ids)
-        packed = self._located.take(request.lease_id)
+        found = self._located.take(request.lease_id)
+        packed = found[1] if found is not None and found[0] is loader else None
         if packed is None or len(packed) < 8 * count:
             try:
                 packed = self._call("Locate", request, "locate").packed_offsets

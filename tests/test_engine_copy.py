@@ -154,11 +154,20 @@ def test_a_restarted_daemon_gets_its_new_pool_mapped(tmp_path):
         try:
             assert engine.handle.engine_copy_ready(10)
             old = engine.handle.loader
+            before = tokens(16 * 3, seed=6)
+            engine.prefill(before)
+            stale = client.query(engine.handle, block_hashes(before, SMALL.block_size))  # offsets kept for its load
+            assert stale.hit_blocks == 3
             first.close()
             second = DaemonProcess(config, workdir=tmp_path).start()
             wait_for(lambda: engine.handle.loader is not None and engine.handle.loader is not old)
             assert engine.handle.engine_copy_ready(10)
             assert engine.handle.pool[1] != old.pool.pool.path  # an unnamed pool: a new file
+            # the old daemon's lease and offsets are not used against the new pool: its Load refuses
+            handle = client.load(engine.handle, stale.lease_id, engine.allocate(3))
+            assert isinstance(handle, LoadHandle)
+            with pytest.raises(NotFound, match="unknown or expired lease"):
+                handle.wait()
             saved_then_loaded(engine, seed=5, blocks=5, by=EngineLoad)
         finally:
             engine.close()
