@@ -226,7 +226,7 @@ class Lane:
         host = blocks.stored[rows][:, None] + runs.offset[None, :]
         size = np.ascontiguousarray(np.broadcast_to(runs.length[None, :], stage.shape))
         dst, src = (host, stage) if self.direction == "save" else (stage, host)
-        self._dma.copy(np.ascontiguousarray(dst).ravel(), np.ascontiguousarray(src).ravel(), size.ravel(),
+        self._dma.copy(*_joined(np.ascontiguousarray(dst).ravel(), np.ascontiguousarray(src).ravel(), size.ravel()),
                        int(self._dma_stream))
 
     def _kernel(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
@@ -393,6 +393,19 @@ class _GroupReport:
         self.layers += layers
         if self.reported == len(self.groups) and self.slow is not None and self.landed is not None:
             self.landed(self.slow_rows)
+
+
+def _joined(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The copies with each one that continues the previous on both sides merged into it. A save
+    into consecutive pool slots (a fresh chunk hands them out in order) then crosses PCIe in one
+    piece per tile instead of one per block; scattered slots are left as they are."""
+    if dst.size < 2:
+        return dst, src, size
+    follows = (dst[1:] == dst[:-1] + size[:-1]) & (src[1:] == src[:-1] + size[:-1])
+    if not follows.any():
+        return dst, src, size
+    first = np.flatnonzero(np.concatenate(([True], ~follows)))
+    return dst[first], src[first], np.add.reduceat(size, first).astype(np.uint64)
 
 
 def _layer_groups(layer_planes: Sequence[Sequence[int]], length: np.ndarray) -> list[tuple[np.ndarray, int]]:

@@ -80,6 +80,22 @@ def test_runs_merge_adjacent_planes_and_pack_them_in_staging():
     assert whole.offset.tolist() == [0] and whole.length.tolist() == [800] and whole.rel.tolist() == offset.tolist()
 
 
+def test_copies_that_continue_each_other_on_both_sides_are_joined():
+    from pegaflow_cuda.lanes import _joined
+
+    def u(*values: int) -> np.ndarray:
+        return np.array(values, dtype=np.uint64)
+
+    dst, src, size = _joined(u(1000, 1100, 1200, 5000, 5100, 5200), u(0, 100, 200, 300, 400, 900),
+                             u(100, 100, 50, 100, 100, 10))
+    # 1000..1250 is one piece; 5000 jumps on the destination side; 5200 follows 5100 there but
+    # not on the source side (900, not 500): its own piece
+    assert dst.tolist() == [1000, 5000, 5200] and src.tolist() == [0, 300, 900]
+    assert size.tolist() == [250, 200, 10] and size.dtype == np.uint64
+    scattered = (u(0, 300), u(0, 100), u(100, 100))
+    assert [a.tolist() for a in _joined(*scattered)] == [a.tolist() for a in scattered]
+
+
 def test_layer_groups_reach_the_minimum_dma_piece():
     from pegaflow_cuda.lanes import MIN_PIECE, _layer_groups
 
