@@ -17,7 +17,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -308,8 +308,9 @@ class Servicer(pb_grpc.PegaflowServicer):
         block_ids = ids.tolist()
         memory = ctx.memory
 
-        def fill(positions: list[int], views: list[memoryview], landed: Landed) -> None:
-            memory.gather(layout, ctx.regions, [block_ids[p] for p in positions], views, landed)
+        def fill(batches: Iterator[tuple[list[int], list[memoryview]]], landed: Landed) -> None:
+            memory.gather_batches(layout, ctx.regions, (([block_ids[p] for p in positions], views)
+                                                        for positions, views in batches), landed)
 
         start = time.perf_counter()
         outcome = await self._offload(self.stack.save, keys, ctx.block_bytes, fill, present)

@@ -14,7 +14,7 @@ every kind implements the same two moves: ``gather`` engine blocks into stored b
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 #: ``landed(indices)``: the stored blocks at these indices of a gather's ``dests`` are whole.
 Landed = Callable[[Sequence[int]], None]
+#: A save's ``(block_ids, dests)`` in batches, each batch's slots reserved as it is drawn.
+Batches = Iterable[tuple[Sequence[int], Sequence[memoryview]]]
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,21 @@ class EngineMemory(Backend):
         whole, so the daemon publishes them while the rest are still moving; blocks never reported
         are published when gather returns."""
         raise NotImplementedError
+
+    def gather_batches(self, layout: KVLayout, regions: Sequence[EngineRegion], batches: Batches,
+                       landed: Landed | None = None) -> None:
+        """``gather`` of a save whose slots the daemon reserves batch by batch as they are drawn
+        (the first batch small); ``landed`` indices count the ``dests`` of all batches in order.
+        Every batch must be drawn. The default gathers each batch in turn; a kind that copies
+        asynchronously (the GPU lanes) queues a batch's copies before drawing the next, so the
+        first blocks move while the later ones' slots are still being reserved."""
+        first = 0
+        for block_ids, dests in batches:
+            shifted = None if landed is None else (lambda rows, at=first: landed([at + r for r in rows]))
+            self.gather(layout, regions, block_ids, dests, shifted)
+            if landed is not None:
+                landed(range(first, first + len(dests)))
+            first += len(dests)
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
                 sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:

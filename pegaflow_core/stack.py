@@ -13,7 +13,7 @@ import hashlib
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +29,10 @@ from .tier import Tier
 
 log = logging.getLogger("pegaflow.stack")
 
-#: ``fill(positions, views, landed)``: write the blocks, calling ``landed(indices)`` for those done early.
-Fill = Callable[[list[int], list[memoryview], Landed], None]
+#: ``fill(batches, landed)``: write each drawn batch's blocks, ``(positions, views)``, calling
+#: ``landed(indices)`` for those done early (indices count the views of all batches in order).
+Fill = Callable[[Iterator[tuple[list[int], list[memoryview]]], Landed], None]
+FIRST_BATCH = 16  # a save's first batch of slots: one GPU save tile of 2 MiB blocks; later ones grow 4x
 CLEAN_WINDOW = 2  # make_room looks this many times further down the LRU order for blocks it can drop without a write
 PROMOTION_WAIT_S = 30.0  # a load waiting on another thread's promotion of the same block
 
@@ -128,9 +130,13 @@ class TierStack:
         return out
 
     def save(self, keys: Sequence[BlockKey], nbytes: int, fill: Fill, present: list[bool] | None = None) -> SaveOutcome:
-        """Store the blocks that are not stored yet. ``fill(positions, views, landed)`` must write
-        the block for ``keys[positions[i]]`` into ``views[i]``; a block is visible once ``fill``
-        reports it through ``landed([i, ...])`` or returns, never before.
+        """Store the blocks that are not stored yet. ``fill(batches, landed)`` must draw every
+        ``(positions, views)`` batch of ``batches`` and write the block for ``keys[positions[i]]``
+        into ``views[i]``. Slots are reserved as each batch is drawn, the first batch small and
+        later ones larger, so a copy that queues its work (the GPU lanes) moves the first blocks
+        while the later ones are still being reserved, instead of after all of them. A block is
+        visible once ``fill`` reports it through ``landed([i, ...])`` (``i`` counts the views of
+        all batches in order) or returns, never before.
         ``present`` is ``stored_here(keys)`` when the caller has it already."""
         if present is None:
             present = self.stored_here(keys)
@@ -142,16 +148,27 @@ class TierStack:
                 self._in_flight.add(key)
                 todo.append(i)
         already = len(keys) - len(todo)
+        got_keys: list[BlockKey] = []  # reserved, in the order the batches handed out their views
         try:
             if not todo:
                 return SaveOutcome(0, already, 0)
             name, top = self.top
-            todo_keys = [keys[i] for i in todo]
-            views = self._reserve_top(todo_keys, nbytes)
-            got = [j for j, v in enumerate(views) if v is not None]
-            got_keys = [todo_keys[j] for j in got]
             location = Location(name, self.node, nbytes)  # one object for the batch: validated once
-            published = [False] * len(got_keys)
+            published: list[bool] = []
+            drawn = [False]
+
+            def batches() -> Iterator[tuple[list[int], list[memoryview]]]:
+                at, size = 0, FIRST_BATCH
+                while at < len(todo):
+                    positions = todo[at : at + size]
+                    at, size = at + size, 4 * size
+                    views = self._reserve_top([keys[i] for i in positions], nbytes)
+                    got = [j for j, v in enumerate(views) if v is not None]
+                    got_keys.extend(keys[positions[j]] for j in got)
+                    published.extend([False] * len(got))
+                    if got:
+                        yield [positions[j] for j in got], pick(views, got)
+                drawn[0] = True
 
             def publish(indices: Sequence[int]) -> None:
                 """Whole blocks become visible: those ``fill`` reports landed while the rest are
@@ -165,7 +182,9 @@ class TierStack:
                     published[i] = True
 
             try:
-                fill([todo[j] for j in got], pick(views, got), publish)
+                fill(batches(), publish)
+                if not drawn[0]:
+                    raise PegaflowError("a save's fill returned without drawing every batch of slots")
                 publish(range(len(got_keys)))
             except BaseException:
                 # Blocks published already are whole; the rest of the batch never becomes visible.
@@ -174,15 +193,15 @@ class TierStack:
         finally:
             with self._lock:
                 self._in_flight.difference_update(keys[i] for i in todo)
-        dropped = len(todo) - len(got)
+        dropped = len(todo) - len(got_keys)
         if self._write_through and got_keys:
             self._through_queue.put(got_keys)
-        self.metrics.bytes.labels(name, "save").inc(nbytes * len(got))
-        self.metrics.blocks.labels(name, "save").inc(len(got))
+        self.metrics.bytes.labels(name, "save").inc(nbytes * len(got_keys))
+        self.metrics.blocks.labels(name, "save").inc(len(got_keys))
         self.metrics.deduplicated.inc(already)
         if dropped:
             self.metrics.dropped.inc(dropped)
-        return SaveOutcome(len(got), already, dropped)
+        return SaveOutcome(len(got_keys), already, dropped)
 
     def _reserve_top(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
         """Slots in the top tier for ``keys``, evicting for those that found none the first time;

@@ -12,6 +12,7 @@ import pytest
 from daemon_helpers import SMALL
 from pegaflow_core.client import PegaflowClient
 from pegaflow_core.config import parse_config
+from pegaflow_core.errors import PegaflowError
 from pegaflow_core.index import Location
 from pegaflow_core.keys import BlockKey
 from pegaflow_core.launcher import DaemonProcess
@@ -106,9 +107,10 @@ def test_eviction_drops_blocks_the_lower_tier_holds_before_writing_others_down(s
     tiers, metrics = stack.tiers, stack.metrics
     nbytes = 16 << 10
 
-    def fill(positions, views, landed):
-        for p, view in zip(positions, views):
-            view[:] = bytes([p]) * nbytes
+    def fill(batches, landed):
+        for positions, views in batches:
+            for p, view in zip(positions, views):
+                view[:] = bytes([p]) * nbytes
 
     dirty = [BlockKey("ns", b"d" * 31 + bytes([i]), 0) for i in range(2)]
     clean = [BlockKey("ns", b"c" * 31 + bytes([i]), 0) for i in range(2)]
@@ -133,7 +135,8 @@ def test_blocks_a_fill_reports_landed_are_visible_even_if_the_rest_of_it_fails(s
     keys = [BlockKey("ns", b"p" * 31 + bytes([i]), 0) for i in range(4)]
     seen: list[list[bool]] = []
 
-    def fill(positions, views, landed):
+    def fill(batches, landed):
+        (_, views), = batches
         for view in views[:2]:
             view[:] = b"\x07" * nbytes
         landed([0, 1])
@@ -146,10 +149,61 @@ def test_blocks_a_fill_reports_landed_are_visible_even_if_the_rest_of_it_fails(s
     assert stack.stored_here(keys) == [True, True, False, False]
     assert [bytes(v[:1]) if v is not None else None for v in stack.tiers[0][1].view(keys)] == [b"\x07", b"\x07", None, None]
 
-    def whole(positions, views, landed):
-        for view in views:
-            view[:] = b"\x09" * nbytes
+    def whole(batches, landed):
+        for _, views in batches:
+            for view in views:
+                view[:] = b"\x09" * nbytes
 
     outcome = stack.save(keys, nbytes, whole)
     assert (outcome.stored, outcome.already_present) == (2, 2)
     assert stack.stored_here(keys) == [True] * 4
+
+
+def test_a_save_reserves_slots_batch_by_batch_as_its_fill_draws_them(stack, monkeypatch):
+    """The GPU lanes queue one batch's copies before drawing the next, so the reservation of later
+    slots overlaps the first blocks' transfer: the first batch is small, later ones grow, each is
+    reserved only when drawn, and ``landed`` counts the views of all batches in order."""
+    from pegaflow_core.stack import FIRST_BATCH
+
+    nbytes = 4 << 10
+    keys = [BlockKey("ns", b"b" * 30 + i.to_bytes(2, "big"), 0) for i in range(100)]
+    top = stack.tiers[0][1]
+    reserved: list[int] = []
+    real_reserve = top.reserve
+    monkeypatch.setattr(top, "reserve", lambda ks, n: reserved.append(len(ks)) or real_reserve(ks, n))
+    sizes, seen = [], []
+
+    def fill(batches, landed):
+        for n, (positions, views) in enumerate(batches):
+            assert sum(reserved) == sum(sizes) + len(views)  # this batch's slots, none of the next's
+            for p, view in zip(positions, views):
+                view[:] = bytes([p]) * nbytes
+            sizes.append(len(views))
+            if n == 1:
+                landed([FIRST_BATCH])  # the second batch's first block
+                seen.append(stack.stored_here(keys[FIRST_BATCH - 1 : FIRST_BATCH + 2]))
+
+    outcome = stack.save(keys, nbytes, fill)
+    assert sizes == [FIRST_BATCH, 4 * FIRST_BATCH, 100 - 5 * FIRST_BATCH]
+    assert seen == [[False, True, False]]  # visible as soon as reported, the others not yet
+    assert outcome.stored == 100 and stack.stored_here(keys) == [True] * 100
+    assert [bytes(v[:1]) for v in top.view(keys)] == [bytes([i]) for i in range(100)]
+
+
+def test_a_fill_that_leaves_batches_undrawn_fails_and_leaves_nothing_reserved(stack):
+    nbytes = 4 << 10
+    keys = [BlockKey("ns", b"u" * 30 + i.to_bytes(2, "big"), 0) for i in range(40)]
+
+    def first_only(batches, landed):
+        next(iter(batches))
+
+    with pytest.raises(PegaflowError, match="without drawing every batch"):
+        stack.save(keys, nbytes, first_only)
+    assert stack.stored_here(keys) == [False] * 40
+
+    def whole(batches, landed):
+        for _, views in batches:
+            for view in views:
+                view[:] = b"\x01" * nbytes
+
+    assert stack.save(keys, nbytes, whole).stored == 40  # no slot or in-flight mark was left behind

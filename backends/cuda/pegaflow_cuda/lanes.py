@@ -21,7 +21,7 @@ import ctypes
 import functools
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,41 +135,57 @@ class Lane:
         """Copy every plane of every block from the GPU into the pool; returns when done.
         ``landed(rows)`` runs as soon as those blocks are whole in the pool, tile by tile, so the
         caller publishes them while later tiles are still moving instead of after the last one."""
-        self._run(blocks, [(np.arange(blocks.offset.size), 0)], None, landed)
+        self.save_batches([blocks], landed)
+
+    def save_batches(self, batches: Iterable[Blocks], landed: Callable[[np.ndarray], None] | None = None) -> None:
+        """``save`` of one request drawn in batches: each batch's tiles are queued before the next
+        batch is drawn, so the caller prepares (reserves, addresses) later blocks while the first
+        ones move. ``landed`` rows count the blocks of all batches in order."""
+        self._run(batches, lambda blocks: [(np.arange(blocks.offset.size), 0)], None, landed)
 
     def load(self, blocks: Blocks, layer_planes: Sequence[Sequence[int]],
              done: Callable[[int], None] | None = None) -> None:
         """Copy the pool's blocks into the GPU, layer by layer (``layer_planes[k]``: the planes of
         layer k); ``done(k)`` once layers ``[0, k)`` are complete. Returns when all are."""
-        self._run(blocks, _layer_groups(layer_planes, blocks.length), done)
+        self._run([blocks], lambda b: _layer_groups(layer_planes, b.length), done)
 
     # -- planning and running -------------------------------------------------------------------
-    def _run(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]], done: Callable[[int], None] | None,
-             landed: Callable[[np.ndarray], None] | None = None) -> None:
+    def _run(self, batches: Iterable[Blocks], groups_of: Callable[[Blocks], list[tuple[np.ndarray, int]]],
+             done: Callable[[int], None] | None, landed: Callable[[np.ndarray], None] | None = None) -> None:
+        """One request: its batches' tiles queued one batch after the other on the same streams
+        (the staging buffers keep alternating, the segment table keeps filling), then waited for."""
         with self._lock:
             self.device.enter()
-            extent = blocks.offset + blocks.length
-            ok = pinned.covered(blocks.stored, np.full(blocks.stored.shape, extent.max(), dtype=np.uint64))
-            fast, slow = (blocks, None) if ok.all() else (blocks.take(ok), blocks.take(~ok))
-            if slow is not None:
-                self.fallback_segments += slow.engine.size
             progress = _Progress()
-            report = _GroupReport(groups, slow, np.flatnonzero(~ok), self._driver_copy, done, landed)
+            first_row = tiles_queued = table_words = 0
             try:
-                self._enqueue(fast, np.flatnonzero(ok), self._plan(fast, groups), progress, report)
+                for blocks in batches:
+                    groups = groups_of(blocks)
+                    extent = blocks.offset + blocks.length
+                    ok = pinned.covered(blocks.stored, np.full(blocks.stored.shape, extent.max(), dtype=np.uint64))
+                    fast, slow = (blocks, None) if ok.all() else (blocks.take(ok), blocks.take(~ok))
+                    if slow is not None:
+                        self.fallback_segments += slow.engine.size
+                    rows = first_row + np.arange(blocks.stored.size)
+                    report = _GroupReport(groups, slow, rows[~ok], self._driver_copy, done, landed)
+                    tiles, table_words = self._plan(fast, groups, table_words)
+                    self._enqueue(fast, rows[ok], tiles, tiles_queued, progress, report)
+                    tiles_queued += len(tiles)
+                    first_row += blocks.stored.size
                 progress.wait_all()
             finally:
                 driver.cu.cuStreamSynchronize(self._dma_stream)
                 driver.cu.cuStreamSynchronize(self._kernel_stream)
 
-    def _plan(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]]) -> list[_Tile]:
+    def _plan(self, blocks: Blocks, groups: list[tuple[np.ndarray, int]], table_start: int) -> tuple[list[_Tile], int]:
         """Tiles in order (boundaries only: each tile's segments are written as it is queued, so
-        the first DMA starts after one tile's worth of host work, not the whole request's)."""
+        the first DMA starts after one tile's worth of host work, not the whole request's), their
+        segments from word ``table_start`` of the table on; also where the next batch's start."""
         group_runs = self._group_runs(groups, blocks.offset, blocks.length)
         self._reserve_staging(max(r.piece for r in group_runs))
-        self._reserve_table(3 * blocks.engine.size)
+        self._reserve_table(table_start + 3 * blocks.engine.size)
         tiles: list[_Tile] = []
-        n_blocks, at, layers = blocks.stored.size, 0, 0
+        n_blocks, at, layers = blocks.stored.size, table_start, 0
         for runs, (_, group_layers) in zip(group_runs, groups):
             per_tile = self._staging_bytes // runs.piece
             layers += group_layers
@@ -179,7 +195,7 @@ class Lane:
                 at += 3 * (hi - lo) * runs.planes.size
             if not n_blocks:
                 tiles.append(_Tile(slice(0, 0), runs, at, layers))
-        return tiles
+        return tiles, at
 
     def _group_runs(self, groups: list[tuple[np.ndarray, int]], offset: np.ndarray, length: np.ndarray) -> list[_Runs]:
         """Each group's runs; a context's layout gives the same ones every request (kept here, a
@@ -193,20 +209,21 @@ class Lane:
             runs = self._runs_cache[key] = [_Runs.of(planes, offset, length) for planes, _ in groups]
         return runs
 
-    def _enqueue(self, blocks: Blocks, rows: np.ndarray, tiles: list[_Tile], progress: _Progress,
+    def _enqueue(self, blocks: Blocks, rows: np.ndarray, tiles: list[_Tile], first_tile: int, progress: _Progress,
                  report: _GroupReport) -> None:
         """Queue every tile's DMA and kernel on the two streams, with an event marking each layer
-        group (a save: the whole request) complete, and for a save each tile's blocks landed
+        group (a save: the whole batch) complete, and for a save each tile's blocks landed
         (``rows``: the request's row of each of ``blocks``); what is in already is reported on the
-        way."""
+        way. ``first_tile``: tiles the request queued before these (its earlier batches), which
+        decides the staging buffer each one takes."""
         cu = driver.cu
         saving = self.direction == "save"
         first, second = (self._kernel_stream, self._dma_stream) if saving else (self._dma_stream, self._kernel_stream)
         steps = (self._kernel, self._copy) if saving else (self._copy, self._kernel)
         for t, tile in enumerate(tiles):
-            b = t % 2
+            b = (first_tile + t) % 2
             if tile.rows.stop > tile.rows.start:
-                if t >= 2:
+                if first_tile + t >= 2:
                     check(cu.cuStreamWaitEvent(first, self._free[b], 0), "cuStreamWaitEvent")
                 steps[0](blocks, tile, self._staging[b])
                 check(cu.cuEventRecord(self._filled[b], first), "cuEventRecord")
@@ -281,6 +298,7 @@ class Lane:
         if want <= self._staging_bytes:
             return
         cu = driver.cu
+        self._drain()  # an earlier batch of the request may still be using the buffers
         for pointer in self._staging:
             cu.cuMemFree(pointer)
         self._staging = [int(check(cu.cuMemAlloc(want), "cuMemAlloc(staging)")) for _ in range(2)]
@@ -290,12 +308,18 @@ class Lane:
         if words <= self._words:
             return
         cu = driver.cu
+        self._drain()  # an earlier batch's segments may still be on their way to the GPU
         self._free_table()
         words = max(words, 2 * self._words, 1 << 16)
         self._device_table = int(check(cu.cuMemAlloc(words * 8), "cuMemAlloc(segment table)"))
         self._host_pointer = int(check(cu.cuMemHostAlloc(words * 8, 0), "cuMemHostAlloc(segment table)"))
         self._host_table = np.ctypeslib.as_array((ctypes.c_uint64 * words).from_address(self._host_pointer))
         self._words = words
+
+    def _drain(self) -> None:
+        """Wait for everything queued on the lane's streams (before its buffers are replaced)."""
+        check(driver.cu.cuStreamSynchronize(self._dma_stream), "cuStreamSynchronize")
+        check(driver.cu.cuStreamSynchronize(self._kernel_stream), "cuStreamSynchronize")
 
     def _free_table(self) -> None:
         cu = driver.cu

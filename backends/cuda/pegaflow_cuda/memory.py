@@ -23,7 +23,7 @@ from pegaflow_core.copier import block_addresses
 from pegaflow_core.engine_copy import EngineLoader
 from pegaflow_core.errors import InvalidArgument, PegaflowError
 from pegaflow_core.layout import KVLayout
-from pegaflow_core.memory import EngineMemory, Landed, RegionRequest
+from pegaflow_core.memory import Batches, EngineMemory, Landed, RegionRequest
 from pegaflow_core.tier import SharedPool
 
 from . import driver
@@ -146,6 +146,13 @@ class CudaIpcMemory(EngineMemory):
             return
         gpu = self._gpus[_one_device(regions)]
         gpu.save.save(_blocks(layout, regions, block_ids, dests), landed)
+
+    def gather_batches(self, layout: KVLayout, regions: Sequence[EngineRegion], batches: Batches,
+                       landed: Landed | None = None) -> None:
+        """One lane request for all batches: a batch's tiles are queued (and moving) before the
+        next batch's slots are reserved and its addresses computed."""
+        gpu = self._gpus[_one_device(regions)]
+        gpu.save.save_batches((_blocks(layout, regions, ids, dests) for ids, dests in batches if len(ids)), landed)
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
                 sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:

@@ -60,9 +60,11 @@ class Engine:
         return self.memory[start : start + PLANE].cpu().numpy()
 
 
-def stored_rows(pool: torch.Tensor) -> np.ndarray:
-    slots = np.random.default_rng(1).permutation(BLOCKS).astype(np.uint64)
-    return pool.data_ptr() + slots * np.uint64(BLOCK)
+def stored_rows(pool: torch.Tensor, order: str = "scattered") -> np.ndarray:
+    """Pool slots of the request's blocks: scattered (a busy pool), or consecutive (a fresh chunk),
+    whose DMA pieces the lane joins into one per tile."""
+    slots = np.arange(BLOCKS) if order == "consecutive" else np.random.default_rng(1).permutation(BLOCKS)
+    return pool.data_ptr() + slots.astype(np.uint64) * np.uint64(BLOCK)
 
 
 def host_bytes(address: int, nbytes: int) -> np.ndarray:
@@ -75,10 +77,12 @@ def check_block(engine: Engine, row: int, address: int) -> None:
         assert np.array_equal(got, engine.plane(row, p)), f"block row {row} plane {p} differs in the pool"
 
 
+@pytest.mark.parametrize("split", [(), (1, 5)], ids=["one-batch", "batches-1-5-rest"])
+@pytest.mark.parametrize("order", ["scattered", "consecutive"])
 @pytest.mark.parametrize("unpinned", [0, 5], ids=["pinned", "some-rows-unpinned"])
-def test_save_reports_each_block_once_and_only_when_whole(device, pool, unpinned):
+def test_save_reports_each_block_once_and_only_when_whole(device, pool, unpinned, order, split):
     engine = Engine(seed=2)
-    stored = stored_rows(pool)
+    stored = stored_rows(pool, order)
     loose = np.zeros(unpinned * BLOCK, dtype=np.uint8)  # pool memory the driver must copy (not pinned)
     stored[:unpinned] = loose.ctypes.data + np.arange(unpinned, dtype=np.uint64) * np.uint64(BLOCK)
     lane = Lane(device, "save", staging_bytes=STAGING)
@@ -89,8 +93,11 @@ def test_save_reports_each_block_once_and_only_when_whole(device, pool, unpinned
             check_block(engine, int(row), int(stored[row]))
         reports.append(np.array(rows))
 
+    blocks = engine.blocks(stored)
+    edges = np.cumsum((0,) + split).tolist() + [BLOCKS]
+    batches = [blocks.take(np.arange(lo, hi)) for lo, hi in zip(edges, edges[1:])]  # rows count on across them
     try:
-        lane.save(engine.blocks(stored), landed)
+        lane.save_batches(iter(batches), landed) if split else lane.save(blocks, landed)
     finally:
         lane.close()
     every = np.concatenate(reports)
