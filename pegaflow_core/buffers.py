@@ -7,6 +7,7 @@ tensors via ``.numpy()``) is accepted. ``byte_view`` is the one way backends tur
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 from .errors import InvalidArgument
@@ -62,6 +63,16 @@ class PoolViews(list):  # type: ignore[type-arg]
         raise TypeError("PoolViews keep one address per view: copy into a list to reshape")
 
     append = extend = insert = pop = remove = sort = reverse = clear = __delitem__ = __iadd__ = _plain  # type: ignore[assignment]
+
+
+def joined(parts: Sequence[Sequence[memoryview | None]]) -> list[memoryview | None]:
+    """The views of ``parts`` in order, as one ``PoolViews`` when every part is one (addresses kept)."""
+    views = [v for part in parts for v in part]
+    if parts and all(isinstance(part, PoolViews) for part in parts):
+        import numpy as np  # numpy stays off core's import path until views are joined
+
+        return PoolViews(views, np.concatenate([part.addresses for part in parts]))
+    return views
 
 
 def pick(views: list[memoryview | None], indices: list[int]) -> list[memoryview | None]:

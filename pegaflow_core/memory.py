@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from .backend import Backend
+from .buffers import joined
 from .contexts import EngineRegion
 from .layout import KVLayout
 
@@ -78,16 +79,16 @@ class EngineMemory(Backend):
                        landed: Landed | None = None) -> None:
         """``gather`` of a save whose slots the daemon reserves batch by batch as they are drawn
         (the first batch small); ``landed`` indices count the ``dests`` of all batches in order.
-        Every batch must be drawn. The default gathers each batch in turn; a kind that copies
-        asynchronously (the GPU lanes) queues a batch's copies before drawing the next, so the
-        first blocks move while the later ones' slots are still being reserved."""
-        first = 0
-        for block_ids, dests in batches:
-            shifted = None if landed is None else (lambda rows, at=first: landed([at + r for r in rows]))
-            self.gather(layout, regions, block_ids, dests, shifted)
-            if landed is not None:
-                landed(range(first, first + len(dests)))
-            first += len(dests)
+        Every batch must be drawn. The default draws them all and gathers once (a synchronous
+        copy gains nothing from batches); a kind that copies asynchronously (the GPU lanes)
+        queues a batch's copies before drawing the next, so the first blocks move while the later
+        ones' slots are still being reserved."""
+        block_ids: list[int] = []
+        dests = []
+        for ids, batch in batches:
+            block_ids.extend(ids)
+            dests.append(batch)
+        self.gather(layout, regions, block_ids, joined(dests), landed)
 
     def scatter(self, layout: KVLayout, regions: Sequence[EngineRegion], block_ids: Sequence[int],
                 sources: Sequence[memoryview | None], on_layer: Callable[[int], None] | None = None) -> None:

@@ -120,7 +120,7 @@ def test_views_carry_the_addresses_the_buffer_protocol_gives(make_tier: Make) ->
     """Reserve and view hand out PoolViews: the GPU path reads each view's address from them
     instead of asking every view. They must be the views' real addresses, 0 for a miss, and stay
     right when an entry is replaced or a subset picked."""
-    from pegaflow_core.buffers import PoolViews, pick
+    from pegaflow_core.buffers import PoolViews, joined, pick
     from pegaflow_core.copier import buffer_addresses
 
     tier = make_tier(capacity=MIB)
@@ -141,6 +141,10 @@ def test_views_carry_the_addresses_the_buffer_protocol_gives(make_tier: Make) ->
     with pytest.raises(TypeError, match="one address per view"):
         viewed.append(other)
     assert buffer_addresses(viewed) is not None and list(buffer_addresses(viewed)) == list(viewed.addresses)
+    together = joined([picked, viewed])  # a save's batches drawn into one gather keep their addresses
+    assert isinstance(together, PoolViews) and len(together) == 5
+    assert list(together.addresses) == list(picked.addresses) + list(viewed.addresses)
+    assert not isinstance(joined([picked, list(viewed)]), PoolViews)  # a plain part: addresses found the slow way
 
 
 def test_buffer_and_locate_address_the_same_bytes(make_tier: Make) -> None:
