@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "figures": {"remote_fetch_gbps": fetch, "remote_fetch_s_p50": statistics.median(fetch_s),
                     "query_load_gbps": end_to_end, "query_load_s_p50": statistics.median(load_s)},
         "baseline": {"raw_transport_gbps": raw, "raw_transport_fresh_processes_gbps": fresh},
+        # every round's seconds, in order: the bare read follows each fetch and each Query + Load
+        "rounds": {"fetch_s": fetch_s, "query_load_s": load_s, "raw_transport_s": raw_s},
         "ratios": {"remote_fetch_vs_raw_transport": fetch / raw, "query_load_vs_raw_transport": end_to_end / raw,
                    # each fetch against the bare read of the same blocks right after it: on a busy
                    # machine the load drifts between rounds, and a pair sees the same load

@@ -464,13 +464,15 @@ class TierStack:
             if not pending:
                 break
             wanted = [keys[i] for i in pending]
+            verified: list[int | None] = [None] * len(wanted)  # checksums the lower tier checked the bytes against
             if where is None:
                 hits = lower.get_into(wanted, [slots[i] for i in pending])
             else:
-                hits = lower.get_into_located(wanted, [slots[i] for i in pending], [where.get(k, ()) for k in wanted])
+                hits = lower.get_into_located(wanted, [slots[i] for i in pending], [where.get(k, ()) for k in wanted],
+                                              verified)
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
-                top.commit([keys[i] for i in done])
+                top.commit([keys[i] for i in done], [verified[n] for n, ok in enumerate(hits) if ok])
                 entries = [(keys[i], location) for i in done]
                 self.index.insert_here(entries)
                 publish.extend(entries)

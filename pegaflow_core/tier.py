@@ -110,10 +110,17 @@ class Tier(Backend, ABC):
         A destination whose size differs from the stored block raises InvalidArgument."""
 
     def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
-                         locations: Sequence[Sequence[Location]]) -> list[bool]:
+                         locations: Sequence[Sequence[Location]],
+                         verified: list[int | None] | None = None) -> list[bool]:
         """``get_into``, told where the index placed each key a moment ago (``locations[i]`` for
         ``keys[i]``, from the caller's lease): a tier that would look its keys up in the index
-        (the remote tier, in Redis) skips that round trip. The default ignores them."""
+        (the remote tier, in Redis) skips that round trip. The default ignores them.
+
+        ``verified``, when given, is a list of ``len(keys)`` entries: a tier that checked a
+        delivered block's bytes against a checksum of this node's algorithm
+        (``pegaflow_core.checksum``) writes that checksum at the block's position, so the caller
+        can hand it to ``commit`` instead of having the block hashed again. The default leaves
+        it as it is."""
         return self.get_into(keys, dests)
 
     @abstractmethod
@@ -146,7 +153,10 @@ class Tier(Backend, ABC):
         """Writable views of ``nbytes`` each, invisible until ``commit``; ``None`` where full."""
         raise PluginError(f"tier {self.kind!r} does not offer host views")
 
-    def commit(self, keys: Sequence[BlockKey]) -> None:
+    def commit(self, keys: Sequence[BlockKey], checksums: Sequence[int | None] | None = None) -> None:
+        """Make reserved blocks visible. ``checksums`` (one per key, ``None`` where unknown): the
+        checksum (this node's algorithm) the caller has verified the written bytes against; a
+        tier that seals its blocks records it instead of hashing the block again."""
         raise PluginError(f"tier {self.kind!r} does not offer host views")
 
     def abort(self, keys: Sequence[BlockKey]) -> None:

@@ -207,3 +207,30 @@ def test_a_fill_that_leaves_batches_undrawn_fails_and_leaves_nothing_reserved(st
                 view[:] = b"\x01" * nbytes
 
     assert stack.save(keys, nbytes, whole).stored == 40  # no slot or in-flight mark was left behind
+
+
+def test_a_promotion_commits_the_checksums_the_lower_tier_verified(stack):
+    """A lower tier that checked the bytes it delivered against their checksum (the remote tier,
+    against the owner's) says so, and the top tier is committed with those checksums: it seals
+    the block with them instead of hashing it again."""
+    nbytes = 16 << 10
+    keys = [BlockKey("ns", b"v" * 31 + bytes([i]), 0) for i in range(3)]
+    lower = stack.tiers[1][1]
+    assert all(lower.put(keys, [bytes([i]) * nbytes for i in range(3)]))
+    stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
+    delivered = lower.get_into
+
+    def get_into_located(wanted, dests, locations, verified=None):
+        hits = delivered(wanted, dests)
+        for n, key in enumerate(wanted):
+            if verified is not None and key != keys[1]:  # the middle one came unchecked
+                verified[n] = 1000 + keys.index(key)
+        return hits
+
+    lower.get_into_located = get_into_located
+    lease = stack.acquire(keys, 30.0, owner="t")
+    queued: list[tuple] = []
+    assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call), locations=lease.locations)
+    fn, *args = queued[0]
+    fn(*args)
+    assert stack.tiers[0][1].checksums(keys) == [1000, None, 1002]

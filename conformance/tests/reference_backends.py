@@ -128,7 +128,7 @@ class DictTier(Tier):
                     out.append(None)
             return out
 
-    def commit(self, keys):
+    def commit(self, keys, checksums=None):
         check_keys(keys)
         with self._lock:
             self._check_open()

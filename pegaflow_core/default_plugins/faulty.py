@@ -499,7 +499,7 @@ class FaultyTier(_FaultControls, Tier):
             self._reserved.update((key, view) for key, view in zip(keys, views) if view is not None)
         return views
 
-    def commit(self, keys: Sequence[BlockKey]) -> None:
+    def commit(self, keys: Sequence[BlockKey], checksums: Sequence[int | None] | None = None) -> None:
         """Make reserved blocks visible; a torn one keeps only a prefix of what the caller wrote.
         An injected error leaves the reservations in place, as a failed commit would: the caller
         must abort them."""
@@ -514,7 +514,7 @@ class FaultyTier(_FaultControls, Tier):
                 view = candidates[j]
                 prefix = self._faults.below(len(view))
                 view[prefix:] = bytes(len(view) - prefix)
-        self.inner.commit(keys)
+        self.inner.commit(keys, checksums)  # a torn block then fails its checksum where it is verified
         self._forget(keys)
 
     def abort(self, keys: Sequence[BlockKey]) -> None:

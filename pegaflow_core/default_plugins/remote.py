@@ -98,19 +98,23 @@ class RemoteTier(Tier):
         return TierUsage(0, 0, 0)
 
     def get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer]) -> list[bool]:
-        return self._get_into(keys, dests, None)
+        return self._get_into(keys, dests, None, None)
 
     def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
-                         locations: Sequence[Sequence[Any]]) -> list[bool]:
+                         locations: Sequence[Sequence[Any]],
+                         verified: list[int | None] | None = None) -> list[bool]:
         """``get_into`` with the owners the Query's lease found: no second cluster lookup. A
         location that went stale since is a miss, as it would be after a lookup (the owner's Pin
-        says it no longer holds the block)."""
+        says it no longer holds the block). ``verified`` gets the owner's checksum of each block
+        checked against it in this node's algorithm (``Tier.get_into_located``)."""
         if len(locations) != len(keys):
             raise InvalidArgument(f"locations: expected one entry per key ({len(keys)}), got {len(locations)}")
-        return self._get_into(keys, dests, locations)
+        if verified is not None and len(verified) != len(keys):
+            raise InvalidArgument(f"verified: expected one entry per key ({len(keys)}), got {len(verified)}")
+        return self._get_into(keys, dests, locations, verified)
 
     def _get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
-                  locations: Sequence[Sequence[Any]] | None) -> list[bool]:
+                  locations: Sequence[Sequence[Any]] | None, verified: list[int | None] | None) -> list[bool]:
         self._check_open()
         keys = check_keys(keys)
         if len(keys) != len(dests):
@@ -131,9 +135,13 @@ class RemoteTier(Tier):
             if info is None:
                 log.info("remote: node %s holds %d blocks but is not live; they are misses", owner, len(positions))
                 continue
+            sums: list[int | None] | None = None if verified is None else [None] * len(positions)
             try:
-                for i, ok in zip(positions, self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions])):
+                for n, (i, ok) in enumerate(zip(positions, self._fetch(info, [keys[i] for i in positions],
+                                                                        [targets[i] for i in positions], sums))):
                     results[i] = ok
+                    if sums is not None:
+                        verified[i] = sums[n]
             except (PegaflowError, grpc.RpcError) as exc:
                 self._forget_nodes()  # the owner may have restarted elsewhere: ask the index again
                 log.warning("remote: fetching %d blocks from %s failed (%s); they are misses", len(positions), owner, exc)
@@ -218,12 +226,15 @@ class RemoteTier(Tier):
             wanted.append(i)
         return ops, wanted
 
-    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview]) -> list[bool]:
+    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview],
+               verified: list[int | None] | None = None) -> list[bool]:
         """Pin ``keys`` on their owner and move them into ``targets`` with one transport read
         (the per-read cost is paid once, as by the bare transport). Each block is verified where
         and when the transport reports it in place: on the receiving thread, while the block is
         still in the CPU's cache and the next ones queue up in the socket (natively, without the
-        GIL). A read that fails makes every block a miss."""
+        GIL). A read that fails makes every block a miss. ``verified[i]`` gets the checksum
+        block i passed, when it is one of this node's algorithm (the top tier then seals the
+        block with it instead of hashing it again)."""
         context = self._ctx()
         results = [False] * len(keys)
         with self._pinned(info, keys) as (remote, pinned):
@@ -236,9 +247,13 @@ class RemoteTier(Tier):
                 return results
             timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
 
+            keep = verified if pinned.checksum_algorithm == algorithm_name() else None
+
             def check(j: int) -> None:
                 i = wanted[j]
                 results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest)
+                if keep is not None and results[i]:
+                    keep[i] = pinned.checksums[i]
 
             if self.options.verify:
                 transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)

@@ -60,14 +60,16 @@ _AUTO_FRACTION = 4  # 'auto' capacity: a quarter of MemAvailable
 class _Slot:
     """Where one block lives, and who is still reading it."""
 
-    __slots__ = ("offset", "nbytes", "readers", "dropped", "checksum", "verified")
+    __slots__ = ("offset", "nbytes", "readers", "dropped", "checksum", "known", "verified")
 
-    def __init__(self, offset: int, nbytes: int, checksum: int | None = None, verified: bool = True) -> None:
+    def __init__(self, offset: int, nbytes: int, checksum: int | None = None, verified: bool = True,
+                 known: int | None = None) -> None:
         self.offset = offset
         self.nbytes = nbytes
         self.readers = 0
         self.dropped = False  # evicted while read: the last reader frees it
-        self.checksum = checksum  # xxh3-64 of the bytes once sealed
+        self.checksum = checksum  # the checksum of the bytes once sealed (journaled, when there is a journal)
+        self.known = known  # given at commit, verified by the caller: sealing records it without hashing
         self.verified = verified  # False for blocks recovered from a journal until first checked
 
 
@@ -236,14 +238,15 @@ class DramTier(Tier):
 
     def _seal_batch(self, keys: list[BlockKey]) -> None:
         """Checksum committed blocks outside the lock (holding reader counts so an eviction
-        cannot reuse a slot meanwhile), then journal those still stored."""
+        cannot reuse a slot meanwhile), then journal those still stored. A block committed with
+        a checksum its caller verified (a remote fetch) is not hashed again."""
         with self._lock:
             if self._closed:
                 return
             pairs = [(k, s) for k in keys if (s := self._stored.get(k)) is not None and s.checksum is None]
             for _, slot in pairs:
                 slot.readers += 1
-        sums = [checksum(self._data[s.offset : s.offset + s.nbytes]) for _, s in pairs]
+        sums = [checksum(self._data[s.offset : s.offset + s.nbytes]) if s.known is None else s.known for _, s in pairs]
         with self._lock:
             sealed = []
             for (key, slot), digest in zip(pairs, sums):
@@ -560,16 +563,20 @@ class DramTier(Tier):
             addresses[: len(offsets)] = np.asarray(offsets, dtype=np.uint64) + np.uint64(self._base)
             return PoolViews(views, addresses)
 
-    def commit(self, keys: Sequence[BlockKey]) -> None:
-        """Make reserved blocks visible. A key not reserved raises InvalidArgument, committing none."""
+    def commit(self, keys: Sequence[BlockKey], checksums: Sequence[int | None] | None = None) -> None:
+        """Make reserved blocks visible. A key not reserved raises InvalidArgument, committing none.
+        ``checksums``: see ``Tier.commit``; they are what sealing records for those blocks (and
+        what ``checksums`` answers meanwhile)."""
         keys = check_keys(keys)
+        if checksums is not None and len(checksums) != len(keys):
+            raise InvalidArgument(f"checksums: expected one per key ({len(keys)}), got {len(checksums)}")
         with self._lock:
             self._check_open()
             for i, key in enumerate(keys):
                 if key not in self._reserved:
                     raise InvalidArgument(f"keys[{i}]: {key!r} has no reservation to commit (reserve it first)")
             fresh = []
-            for key in keys:
+            for i, key in enumerate(keys):
                 reservation = self._reserved.pop(key, None)
                 if reservation is None:  # the same key twice in this batch
                     continue
@@ -577,7 +584,7 @@ class DramTier(Tier):
                 if key in self._stored:
                     self._alloc.free(offset)
                 else:
-                    self._stored[key] = _Slot(offset, nbytes)
+                    self._stored[key] = _Slot(offset, nbytes, known=None if checksums is None else checksums[i])
                     self._used_bytes += nbytes
                     fresh.append(key)
         if self._sealer is not None:
@@ -618,11 +625,13 @@ class DramTier(Tier):
         return PoolViews(views, addresses)
 
     def checksums(self, keys: Sequence[BlockKey]) -> list[int | None]:
-        """The sealed checksum of each stored block (``None``: missing or not sealed yet)."""
+        """The sealed checksum of each stored block, or the verified one it was committed with
+        (``None``: missing, or not sealed yet)."""
         keys = check_keys(keys)
         with self._lock:
             self._check_open()
-            return [None if (slot := self._stored.get(key)) is None else slot.checksum for key in keys]
+            return [None if (slot := self._stored.get(key)) is None
+                    else slot.known if slot.checksum is None else slot.checksum for key in keys]
 
     # -- pool access for transports --------------------------------------------------------------
     def buffer(self) -> memoryview:

@@ -142,3 +142,53 @@ def test_verify_always_checks_every_read(tmp_path):
         view[7] ^= 0xFF  # corrupt in place: a stray write
         assert read(tier, keys)[0] is None and tier.integrity_failures == 1
         assert read(tier, keys[1:]) == data[1:]
+
+
+def write(tier: DramTier, keys: list[BlockKey], data: list[bytes]) -> None:
+    """Reserve and fill slots for ``keys``, the views dropped afterwards (a view still held
+    keeps the pool mapped past ``close``)."""
+    for view, d in zip(tier.reserve(keys, len(data[0])), data):
+        view[:] = d
+        view.release()
+
+
+def test_a_block_committed_with_its_verified_checksum_is_sealed_without_hashing_it_again(tmp_path, monkeypatch):
+    import pegaflow_dram.tier as tier_module
+    from pegaflow_core.checksum import checksum
+
+    keys, data = blocks(4)
+    sums = [checksum(d) for d in data]
+    hashed: list[int] = []
+    monkeypatch.setattr(tier_module, "checksum", lambda view: hashed.append(len(view)) or checksum(view))
+    with DramTier(options(tmp_path)) as tier:
+        write(tier, keys, data)
+        tier.commit(keys[:2], sums[:2])  # as a remote fetch does: checked against these already
+        tier.commit(keys[2:], [None, None])  # unknown: hashed as ever
+        assert tier.checksums(keys[:2]) == sums[:2]  # answered before sealing, too
+        tier.wait_sealed()
+        assert len(hashed) == 2
+        assert tier.checksums(keys) == sums
+    with DramTier(options(tmp_path)) as tier:  # the journal holds them: verified after a restart
+        assert read(tier, keys) == data
+        assert tier.integrity_failures == 0
+
+
+def test_a_wrong_checksum_given_at_commit_is_caught_after_a_restart(tmp_path):
+    keys, data = blocks(2)
+    with DramTier(options(tmp_path)) as tier:
+        write(tier, keys, data)
+        tier.commit(keys, [12345, None])
+        tier.wait_sealed()
+    with DramTier(options(tmp_path)) as tier:  # sealed with what the caller said, never with the bytes
+        assert read(tier, keys) == [None, data[1]]
+        assert tier.integrity_failures == 1
+
+
+def test_commit_checks_it_has_one_checksum_per_key(tmp_path):
+    from pegaflow_core import InvalidArgument
+
+    keys, data = blocks(2)
+    with DramTier(options(tmp_path)) as tier:
+        tier.reserve(keys, len(data[0]))
+        with pytest.raises(InvalidArgument, match=r"checksums: expected one per key \(2\), got 1"):
+            tier.commit(keys, [1])
