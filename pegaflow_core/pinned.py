@@ -42,15 +42,28 @@ def remove(address: int) -> None:
 def covered(addresses: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """For each ``[addresses[i], addresses[i] + lengths[i])``: whether it lies inside one pinned
     range. Vectorized: tens of thousands of segments per step cost microseconds."""
+    i, ends = _containing(addresses)
+    return (i >= 0) & (np.asarray(addresses, dtype=np.uint64) + np.asarray(lengths, dtype=np.uint64) <= ends)
+
+
+def range_index(addresses: np.ndarray) -> np.ndarray:
+    """For each address: which pinned range holds it (-1: none). One DMA copy must not cross from
+    one range into the next even where they touch, as chunks pinned one by one do: each is its own
+    registration, and the driver refuses a copy spanning two."""
+    return _containing(addresses)[0]
+
+
+def _containing(addresses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The index of the last pinned range starting at or below each address (-1 where it does not
+    hold the address) and that range's end."""
     global _arrays
     addresses = np.asarray(addresses, dtype=np.uint64)
     with _lock:
         if not _starts:
-            return np.zeros(addresses.shape, dtype=bool)
+            return np.full(addresses.shape, -1, dtype=np.int64), np.zeros(addresses.shape, dtype=np.uint64)
         if _arrays is None:
             _arrays = (np.array(_starts, dtype=np.uint64), np.array(_ends, dtype=np.uint64))
         starts, ends = _arrays
     i = np.searchsorted(starts, addresses, side="right") - 1
-    ok = i >= 0
-    i = np.where(ok, i, 0)
-    return ok & (addresses + np.asarray(lengths, dtype=np.uint64) <= ends[i])
+    end = ends[np.maximum(i, 0)]
+    return np.where((i >= 0) & (addresses < end), i, -1), end

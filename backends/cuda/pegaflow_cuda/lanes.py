@@ -243,8 +243,8 @@ class Lane:
         host = blocks.stored[rows][:, None] + runs.offset[None, :]
         size = np.ascontiguousarray(np.broadcast_to(runs.length[None, :], stage.shape))
         dst, src = (host, stage) if self.direction == "save" else (stage, host)
-        self._dma.copy(*_joined(np.ascontiguousarray(dst).ravel(), np.ascontiguousarray(src).ravel(), size.ravel()),
-                       int(self._dma_stream))
+        self._dma.copy(*_joined(np.ascontiguousarray(dst).ravel(), np.ascontiguousarray(src).ravel(), size.ravel(),
+                                pinned.range_index(host.ravel())), int(self._dma_stream))
 
     def _kernel(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
         """The tile's gather into (save) or scatter out of (load) staging: its segment table is
@@ -419,13 +419,17 @@ class _GroupReport:
             self.landed(self.slow_rows)
 
 
-def _joined(dst: np.ndarray, src: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The copies with each one that continues the previous on both sides merged into it. A save
-    into consecutive pool slots (a fresh chunk hands them out in order) then crosses PCIe in one
-    piece per tile instead of one per block; scattered slots are left as they are."""
+def _joined(dst: np.ndarray, src: np.ndarray, size: np.ndarray,
+            pinned_range: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The copies with each one that continues the previous on both sides, in the same pinned
+    range of the pool (``pinned_range`` per copy), merged into it. A save into consecutive pool
+    slots (a fresh chunk hands them out in order) then crosses PCIe in one piece per tile instead
+    of one per block; scattered slots, and slots either side of a pinning chunk's edge, are left
+    as they are."""
     if dst.size < 2:
         return dst, src, size
-    follows = (dst[1:] == dst[:-1] + size[:-1]) & (src[1:] == src[:-1] + size[:-1])
+    follows = ((dst[1:] == dst[:-1] + size[:-1]) & (src[1:] == src[:-1] + size[:-1])
+               & (pinned_range[1:] == pinned_range[:-1]))
     if not follows.any():
         return dst, src, size
     first = np.flatnonzero(np.concatenate(([True], ~follows)))

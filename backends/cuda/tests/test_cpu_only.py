@@ -86,14 +86,24 @@ def test_copies_that_continue_each_other_on_both_sides_are_joined():
     def u(*values: int) -> np.ndarray:
         return np.array(values, dtype=np.uint64)
 
+    one_range = np.zeros(6, dtype=np.int64)
     dst, src, size = _joined(u(1000, 1100, 1200, 5000, 5100, 5200), u(0, 100, 200, 300, 400, 900),
-                             u(100, 100, 50, 100, 100, 10))
+                             u(100, 100, 50, 100, 100, 10), one_range)
     # 1000..1250 is one piece; 5000 jumps on the destination side; 5200 follows 5100 there but
     # not on the source side (900, not 500): its own piece
     assert dst.tolist() == [1000, 5000, 5200] and src.tolist() == [0, 300, 900]
     assert size.tolist() == [250, 200, 10] and size.dtype == np.uint64
     scattered = (u(0, 300), u(0, 100), u(100, 100))
-    assert [a.tolist() for a in _joined(*scattered)] == [a.tolist() for a in scattered]
+    assert [a.tolist() for a in _joined(*scattered, one_range[:2])] == [a.tolist() for a in scattered]
+
+
+def test_copies_are_not_joined_across_the_edge_of_a_pinned_chunk():
+    from pegaflow_cuda.lanes import _joined
+
+    contiguous = (np.array([0, 100, 200, 300], dtype=np.uint64), np.array([0, 100, 200, 300], dtype=np.uint64),
+                  np.full(4, 100, dtype=np.uint64))
+    dst, src, size = _joined(*contiguous, np.array([3, 3, 4, 4]))  # the pool's second chunk starts at 200
+    assert dst.tolist() == [0, 200] and size.tolist() == [200, 200]
 
 
 def test_layer_groups_reach_the_minimum_dma_piece():

@@ -1,8 +1,11 @@
 """The staged lanes in-process on a real GPU (skipped without one): byte-exact saves and loads
 through small staging buffers (many tiles), blocks reported landed only once they are whole, and
-pool rows that are not pinned (the driver's path) in the same request."""
+pool rows that are not pinned (the driver's path) in the same request, and a pool pinned in two
+registrations that touch (the DRAM tier pins chunk by chunk), which no single copy may span."""
 
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 import pytest
@@ -12,12 +15,14 @@ if not torch.cuda.is_available():
     pytest.skip("no CUDA GPU", allow_module_level=True)
 
 from pegaflow_core import pinned  # noqa: E402
-from pegaflow_cuda.driver import Device  # noqa: E402
+from pegaflow_cuda import driver  # noqa: E402
+from pegaflow_cuda.driver import Device, check  # noqa: E402
 from pegaflow_cuda.lanes import Blocks, Lane  # noqa: E402
 
 LAYERS, KV, PLANE, NUM_BLOCKS, BLOCKS = 4, 2, 64 << 10, 96, 48
 BLOCK = LAYERS * KV * PLANE
 STAGING = 1 << 20  # two blocks per save tile: 24 tiles
+CHUNK_EDGE = 25 * BLOCK  # odd: a save tile of consecutive slots (blocks 24 and 25) straddles it
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +34,18 @@ def device():
 
 
 @pytest.fixture(scope="module")
-def pool():
-    host = torch.zeros(BLOCKS * BLOCK, dtype=torch.uint8, pin_memory=True)
-    pinned.add(host.data_ptr(), host.numel())
-    return host
+def pool(device):
+    """The pool's address: anonymous memory registered with CUDA in two chunks that touch."""
+    memory = mmap.mmap(-1, BLOCKS * BLOCK)
+    address = np.frombuffer(memory, dtype=np.uint8).ctypes.data
+    chunks = [(address, CHUNK_EDGE), (address + CHUNK_EDGE, BLOCKS * BLOCK - CHUNK_EDGE)]
+    for start, nbytes in chunks:
+        check(driver.cu.cuMemHostRegister(start, nbytes, 0), "cuMemHostRegister")
+        pinned.add(start, nbytes)
+    yield address
+    for start, _ in chunks:
+        pinned.remove(start)
+        driver.cu.cuMemHostUnregister(start)
 
 
 class Engine:
@@ -60,11 +73,11 @@ class Engine:
         return self.memory[start : start + PLANE].cpu().numpy()
 
 
-def stored_rows(pool: torch.Tensor, order: str = "scattered") -> np.ndarray:
+def stored_rows(pool: int, order: str = "scattered") -> np.ndarray:
     """Pool slots of the request's blocks: scattered (a busy pool), or consecutive (a fresh chunk),
-    whose DMA pieces the lane joins into one per tile."""
+    whose DMA pieces the lane joins into one per tile (but not across ``CHUNK_EDGE``)."""
     slots = np.arange(BLOCKS) if order == "consecutive" else np.random.default_rng(1).permutation(BLOCKS)
-    return pool.data_ptr() + slots.astype(np.uint64) * np.uint64(BLOCK)
+    return np.uint64(pool) + slots.astype(np.uint64) * np.uint64(BLOCK)
 
 
 def host_bytes(address: int, nbytes: int) -> np.ndarray:
@@ -107,10 +120,11 @@ def test_save_reports_each_block_once_and_only_when_whole(device, pool, unpinned
         check_block(engine, row, int(stored[row]))
 
 
+@pytest.mark.parametrize("order", ["scattered", "consecutive"])
 @pytest.mark.parametrize("plane_order", ["layer", "k-then-v"])
-def test_load_moves_exact_bytes_and_reports_layers_in_order(device, pool, plane_order):
+def test_load_moves_exact_bytes_and_reports_layers_in_order(device, pool, plane_order, order):
     source = Engine(seed=3, plane_order=plane_order)
-    stored = stored_rows(pool)
+    stored = stored_rows(pool, order)
     save, load = Lane(device, "save", staging_bytes=STAGING), Lane(device, "load", staging_bytes=STAGING)
     try:
         save.save(source.blocks(stored))
