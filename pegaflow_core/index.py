@@ -85,6 +85,12 @@ class Index(Backend, ABC):
     def lookup(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
         """Every known location of each key; an empty tuple is a miss. Does not touch recency."""
 
+    def lookup_here(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
+        """Like ``lookup``, but only this node's copies need be known: the question a save asks
+        (is it stored here already?), which must not cost a round trip to a cluster index. An
+        index that is not in front of another one answers it with ``lookup``."""
+        return self.lookup(keys)
+
     @abstractmethod
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
         """Pin the longest prefix of ``keys`` that has a location and return it as a lease.

@@ -69,6 +69,9 @@ class NodeIndex(Index):
                 found[i] = tuple(loc for loc in locs if loc.node != "")
         return found
 
+    def lookup_here(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
+        return self.local.lookup(keys)
+
     def acquire(self, keys: Sequence[BlockKey], ttl_s: float, owner: str = "") -> Lease:
         here = self.local.acquire(keys, ttl_s, owner)
         if here.hits == len(keys):

@@ -89,3 +89,23 @@ def test_insert_here_serves_this_node_and_publish_tells_the_cluster(redis):
     finally:
         a.close()
         b.close()
+
+
+def test_lookup_here_answers_from_this_node_alone(redis):
+    """A save asks whether its blocks are stored here already: a question for the local index,
+    never a Redis round trip, and still answered with Redis down."""
+    prefix = f"c{uuid.uuid4().hex[:8]}"
+    a = NodeIndex(LocalIndex(), redis_index(redis, "a", prefix))
+    b = NodeIndex(LocalIndex(), redis_index(redis, "b", prefix))
+    try:
+        a.insert([(key(i), Location("dram", "a", 10)) for i in range(2)])
+        b.insert([(key(2), Location("dram", "b", 10))])
+        keys = [key(i) for i in range(3)]
+        assert [len(locs) for locs in b.lookup(keys)] == [1, 1, 1]  # a's blocks too, through Redis
+        assert [[loc.node for loc in locs] for locs in b.lookup_here(keys)] == [[], [], ["b"]]
+        redis.stop()
+        assert [[loc.node for loc in locs] for locs in b.lookup_here(keys)] == [[], [], ["b"]]
+    finally:
+        redis.start()
+        a.close()
+        b.close()

@@ -48,6 +48,11 @@ class IndexContract:
         assert index.lookup(keys) == [(DRAM,), (SSD,), ()]
         assert index.lookup([]) == []
 
+    def test_lookup_here_knows_what_was_inserted_here(self, index) -> None:
+        keys = make_keys(3)
+        index.insert([(keys[0], DRAM), (keys[1], SSD)])
+        assert index.lookup_here(keys) == [(DRAM,), (SSD,), ()]
+
     def test_several_locations_per_key(self, index) -> None:
         key = make_keys(1)[0]
         remote = Location("dram", "node-b", 4096, checksum=7)
