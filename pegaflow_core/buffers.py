@@ -75,6 +75,18 @@ def joined(parts: Sequence[Sequence[memoryview | None]]) -> list[memoryview | No
     return views
 
 
+def put(views: list[memoryview | None], indices: list[int], found: Sequence[memoryview | None]) -> None:
+    """``views[indices[j]] = found[j]`` for every j; between two PoolViews the addresses are
+    taken from ``found`` (finding them again through the buffer protocol cost ~8 us a view)."""
+    if isinstance(views, PoolViews) and isinstance(found, PoolViews):
+        for i, view in zip(indices, found):
+            list.__setitem__(views, i, view)
+        views.addresses[indices] = found.addresses
+        return
+    for i, view in zip(indices, found):
+        views[i] = view
+
+
 def pick(views: list[memoryview | None], indices: list[int]) -> list[memoryview | None]:
     """``[views[i] for i in indices]``, keeping a PoolViews' addresses."""
     return views.pick(indices) if isinstance(views, PoolViews) else [views[i] for i in indices]

@@ -18,7 +18,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-from .buffers import pick
+from .buffers import pick, put
 from .device_io import DeviceSegments, LoadRoute, load_route
 from .errors import InvalidArgument, PegaflowError
 from .index import Index, Lease, Location
@@ -211,8 +211,10 @@ class TierStack:
         missing = [i for i, s in enumerate(slots) if s is None]
         if missing:
             self.make_room(0, len(missing))
-            for i, slot in zip(missing, top.reserve([keys[i] for i in missing], nbytes)):
-                slots[i] = slot
+            again = top.reserve([keys[i] for i in missing], nbytes)
+            if len(missing) == len(slots):
+                return again  # a full pool, the usual case: every slot came from the second try
+            put(slots, missing, again)
         return slots
 
     def make_room(self, level: int, count: int) -> int:

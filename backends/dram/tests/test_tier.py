@@ -120,7 +120,7 @@ def test_views_carry_the_addresses_the_buffer_protocol_gives(make_tier: Make) ->
     """Reserve and view hand out PoolViews: the GPU path reads each view's address from them
     instead of asking every view. They must be the views' real addresses, 0 for a miss, and stay
     right when an entry is replaced or a subset picked."""
-    from pegaflow_core.buffers import PoolViews, joined, pick
+    from pegaflow_core.buffers import PoolViews, joined, pick, put
     from pegaflow_core.copier import buffer_addresses
 
     tier = make_tier(capacity=MIB)
@@ -145,6 +145,11 @@ def test_views_carry_the_addresses_the_buffer_protocol_gives(make_tier: Make) ->
     assert isinstance(together, PoolViews) and len(together) == 5
     assert list(together.addresses) == list(picked.addresses) + list(viewed.addresses)
     assert not isinstance(joined([picked, list(viewed)]), PoolViews)  # a plain part: addresses found the slow way
+    put(reserved, [2], tier.view([key(1)]))  # a slot found on a second try (after evicting) fills the gap
+    assert list(reserved.addresses) == list(buffer_addresses(list(reserved)))
+    plain = [None, None]
+    put(plain, [1], tier.view([key(0)]))
+    assert plain[0] is None and buffer_addresses([plain[1]])[0] == buffer_addresses([tier.view([key(0)])[0]])[0]
 
 
 def test_buffer_and_locate_address_the_same_bytes(make_tier: Make) -> None:
