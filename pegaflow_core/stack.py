@@ -468,9 +468,9 @@ class TierStack:
             wanted = [keys[i] for i in pending]
             verified: list[int | None] = [None] * len(wanted)  # checksums the lower tier checked the bytes against
             if where is None:
-                hits = lower.get_into(wanted, [slots[i] for i in pending])
+                hits = lower.get_into(wanted, pick(slots, pending))
             else:
-                hits = lower.get_into_located(wanted, [slots[i] for i in pending], [where.get(k, ()) for k in wanted],
+                hits = lower.get_into_located(wanted, pick(slots, pending), [where.get(k, ()) for k in wanted],
                                               verified)
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:

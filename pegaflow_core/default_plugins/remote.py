@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import grpc
+import numpy as np
 
 from pegaflow_core._proto import pegaflow_pb2 as pb
 from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
-from pegaflow_core.buffers import Buffer, byte_view
+from pegaflow_core.buffers import Buffer, PoolViews, byte_view
 from pegaflow_core.checksum import algorithm_name, checksum_for
 from pegaflow_core.copier import buffer_address, buffer_addresses
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
@@ -120,6 +121,7 @@ class RemoteTier(Tier):
         if len(keys) != len(dests):
             raise InvalidArgument(f"dests: expected one buffer per key ({len(keys)}), got {len(dests)}")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
+        addresses = buffer_addresses(dests if isinstance(dests, PoolViews) else targets)  # the fast way for a tier's slots
         context = self._ctx()
         by_owner: dict[str, list[int]] = {}
         for i, locs in enumerate(context.index.lookup(keys) if locations is None else locations):
@@ -137,8 +139,9 @@ class RemoteTier(Tier):
                 continue
             sums: list[int | None] | None = None if verified is None else [None] * len(positions)
             try:
-                for n, (i, ok) in enumerate(zip(positions, self._fetch(info, [keys[i] for i in positions],
-                                                                        [targets[i] for i in positions], sums))):
+                fetched = self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions],
+                                      addresses[positions], sums)
+                for n, (i, ok) in enumerate(zip(positions, fetched)):
                     results[i] = ok
                     if sums is not None:
                         verified[i] = sums[n]
@@ -169,7 +172,7 @@ class RemoteTier(Tier):
             raise InvalidArgument(f"probe: node {node!r} is not another live node of the cluster")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
         with self._pinned(info, keys) as (remote, pinned):
-            ops, _ = self._plan(context, remote, pinned, targets)
+            ops, _ = self._plan(context, remote, pinned, targets, buffer_addresses(targets))
             if len(ops) != len(keys):
                 raise PegaflowError(f"probe: node {node!r} holds {len(ops)} of the {len(keys)} blocks")
             started = time.perf_counter()
@@ -211,22 +214,22 @@ class RemoteTier(Tier):
             self._releasing.discard(call)
 
     def _plan(self, context: StackContext, remote: RemoteRegion, pinned: pb.PinResponse,
-              targets: list[memoryview]) -> tuple[list[TransferOp], list[int]]:
+              targets: list[memoryview], addresses: np.ndarray) -> tuple[list[TransferOp], list[int]]:
         """One read op per block the owner still holds at the size we expect, into a slot of our
-        pool; and the position of each op's block."""
+        pool (``addresses``: each target's first byte); and the position of each op's block."""
         pool = context.top.buffer()
         base = buffer_address(pool)
         end = base + len(pool)
         ops, wanted = [], []
         for i, (target, address_of, offset, nbytes) in enumerate(
-                zip(targets, buffer_addresses(targets).tolist(), pinned.offsets, pinned.nbytes)):
+                zip(targets, addresses.tolist(), pinned.offsets, pinned.nbytes)):
             if offset < 0 or nbytes != len(target) or not base <= address_of < end:
                 continue  # not on that node any more, another size, or not a slot of our pool
             ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
             wanted.append(i)
         return ops, wanted
 
-    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview],
+    def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
                verified: list[int | None] | None = None) -> list[bool]:
         """Pin ``keys`` on their owner and move them into ``targets`` with one transport read
         (the per-read cost is paid once, as by the bare transport). Each block is verified where
@@ -242,7 +245,7 @@ class RemoteTier(Tier):
             if self.options.verify and digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
                 return results
-            ops, wanted = self._plan(context, remote, pinned, targets)
+            ops, wanted = self._plan(context, remote, pinned, targets, addresses)
             if not ops:
                 return results
             timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
