@@ -139,6 +139,9 @@ class PlannedOp:
     length: int
 
 
+_UNSEEN = object()  # plan_ops: no region seen yet
+
+
 def plan_ops(
     ops: Sequence[TransferOp],
     what: str,
@@ -157,11 +160,10 @@ def plan_ops(
     remotes_seen: dict[RemoteRegion, tuple[int, int, int]] = {}
     # A batch's ops nearly always share one local and one remote region object: compared by
     # identity first, they skip the dataclass hashing that a lookup per op costs (~1 us each).
-    last_local: Any = None
-    last_remote: Any = None
-    local = described = None
+    last_local: Any = _UNSEEN  # not None: an op whose region is None must still be checked
+    last_remote: Any = _UNSEEN
     for i, op in enumerate(ops):
-        if type(op) is not TransferOp and not isinstance(op, TransferOp):
+        if not isinstance(op, TransferOp):
             raise InvalidArgument(f"ops[{i}]: expected a TransferOp, got {type(op).__name__}")
         if op.local is not last_local:
             where = f"ops[{i}]"

@@ -169,6 +169,8 @@ def test_bounds_and_arguments_are_checked_synchronously(pair):
         (TransferOp(local, 0, RemoteRegion(b.address, b"X" * 28), 0, 1), r"not a loopback region descriptor"),
         (TransferOp(Region(99, 50, local.descriptor), 0, remote, 0, 1),
          r"ops\[0\].local: region 99 is not registered with this endpoint"),
+        (TransferOp(None, 0, remote, 0, 1), r"ops\[0\].local: region None is not registered with this endpoint"),
+        (TransferOp(local, 0, None, 0, 1), r"ops\[0\].remote: expected a RemoteRegion, got NoneType"),
     ]
     for op, match in cases:
         with pytest.raises(InvalidArgument, match=match):
