@@ -75,8 +75,8 @@ class NodeIndex(Index):
         owner, through ``Pin``, when it is fetched, and nothing evicts on the strength of a
         cluster-wide lease (each node evicts by its own index). So the cluster is only looked
         up, not leased: one read-only Redis call instead of a lease written and, later, released
-        (measured on the fetch's path: 0.8-1.1 against 1.9-2.2 ms per 256 keys, plus the
-        release's 1.1 ms off it)."""
+        (256 keys, in-process: lookup 0.7-2.0 ms against acquire 1.9-3.1 ms, plus the release's
+        1.1 ms; on a fetch's path, median 0.97 against 1.6 ms, docs/benchmarks.md)."""
         here = self.local.acquire(keys, ttl_s, owner)
         if here.hits == len(keys):
             return here
@@ -97,11 +97,9 @@ class NodeIndex(Index):
         return self.local.release(lease_id)
 
     def release_owner(self, owner: str) -> int:
-        self._cluster_call("release_owner", lambda: self.cluster.release_owner(owner), 0)
-        return self.local.release_owner(owner)
+        return self.local.release_owner(owner)  # leases are local only (acquire)
 
     def expire(self, now: float | None = None) -> int:
-        self._cluster_call("expire", lambda: self.cluster.expire(now), 0)
         return self.local.expire(now)
 
     def remove(self, keys: Sequence[BlockKey], tier: str | None = None, node: str | None = None) -> int:

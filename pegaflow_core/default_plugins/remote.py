@@ -33,7 +33,7 @@ import numpy as np
 
 from pegaflow_core._proto import pegaflow_pb2 as pb
 from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
-from pegaflow_core.buffers import Buffer, PoolViews, byte_view
+from pegaflow_core.buffers import Buffer, byte_view
 from pegaflow_core.checksum import algorithm_name, checksum_for
 from pegaflow_core.copier import buffer_address, buffer_addresses
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
@@ -121,7 +121,7 @@ class RemoteTier(Tier):
         if len(keys) != len(dests):
             raise InvalidArgument(f"dests: expected one buffer per key ({len(keys)}), got {len(dests)}")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
-        addresses = buffer_addresses(dests if isinstance(dests, PoolViews) else targets)  # the fast way for a tier's slots
+        addresses = buffer_addresses(dests)  # a tier's slots (PoolViews) know theirs: no lookup per block
         context = self._ctx()
         by_owner: dict[str, list[int]] = {}
         for i, locs in enumerate(context.index.lookup(keys) if locations is None else locations):
@@ -172,7 +172,7 @@ class RemoteTier(Tier):
             raise InvalidArgument(f"probe: node {node!r} is not another live node of the cluster")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
         with self._pinned(info, keys) as (remote, pinned):
-            ops, _ = self._plan(context, remote, pinned, targets, buffer_addresses(targets))
+            ops, _ = self._plan(context, remote, pinned, targets, buffer_addresses(dests))
             if len(ops) != len(keys):
                 raise PegaflowError(f"probe: node {node!r} holds {len(ops)} of the {len(keys)} blocks")
             started = time.perf_counter()
