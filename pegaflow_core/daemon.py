@@ -560,7 +560,7 @@ class Daemon:
             for _, tier in tiers:
                 tier.close()
             raise
-        self.stack = TierStack(tiers, index, self.metrics, node="")
+        self.stack = TierStack(tiers, index, self.metrics, node="", publish_offsets=config.transport is not None)
         self.transport, self.pool_region = self._connect_cluster(config, index, tiers)
         self.executor = ThreadPoolExecutor(8, thread_name_prefix="pegaflow-rpc")
         self.servicer = Servicer(config, self.stack, self.metrics, self.executor)

@@ -26,12 +26,17 @@ class Location:
 
     ``checksum`` is the xxhash64 of the block's bytes, set when the block was sealed; readers from
     anything but local DRAM verify it and treat a mismatch as a miss.
+
+    ``offset`` is where the block starts in the memory its node serves to peers (the top tier's
+    pool, registered with the transport), -1 when unknown: a peer with it starts reading while
+    its Pin is still on the way, and lets the Pin's answer decide whether the bytes are served.
     """
 
     tier: str
     node: str = ""
     nbytes: int = 0
     checksum: int | None = None
+    offset: int = -1
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,10 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
         ):
             raise InvalidArgument(
                 f"entries[{i}][1].checksum: expected an integer >= 0 or None, got {location.checksum!r}"
+            )
+        if not isinstance(location.offset, int) or isinstance(location.offset, bool) or location.offset < -1:
+            raise InvalidArgument(
+                f"entries[{i}][1].offset: expected an integer >= 0, or -1 for unknown, got {location.offset!r}"
             )
         checked.add(id(location))
         items.append((key, location))

@@ -47,7 +47,10 @@ class SaveOutcome:
 class TierStack:
     """Tiers top (fastest) to bottom, one index over all of them."""
 
-    def __init__(self, tiers: Sequence[tuple[str, Tier]], index: Index, metrics: Metrics, node: str = "") -> None:
+    def __init__(self, tiers: Sequence[tuple[str, Tier]], index: Index, metrics: Metrics, node: str = "",
+                 publish_offsets: bool = False) -> None:
+        """``publish_offsets``: peers read this node's top tier over a transport, so its blocks are
+        indexed with their offsets there (``Location.offset``)."""
         if not tiers:
             raise InvalidArgument("a tier stack needs at least one tier")
         top_name, top = tiers[0]
@@ -60,6 +63,7 @@ class TierStack:
         self.index = index
         self.metrics = metrics
         self.node = node
+        self.publish_offsets = publish_offsets and hasattr(top, "locate")
         self._lock = threading.Lock()
         self._in_flight: set[BlockKey] = set()  # being saved
         self._promoting: dict[BlockKey, Future[None]] = {}  # being promoted, done when they are in the top tier
@@ -92,7 +96,9 @@ class TierStack:
     def _index_tier(self, name: str, tier: Tier) -> int:
         found = tier.recovered()
         if found:
-            self.index.insert([(key, Location(name, self.node, nbytes)) for key, nbytes in found])
+            offsets = self._offsets(tier, [key for key, _ in found])
+            self.index.insert([(key, Location(name, self.node, nbytes, None, offset))
+                               for (key, nbytes), offset in zip(found, offsets)])
             with self._lock:
                 for key, nbytes in found:
                     self._block_bytes.setdefault(key.namespace, nbytes)
@@ -177,7 +183,7 @@ class TierStack:
                 fresh = [got_keys[i] for i in indices if not published[i]]
                 if fresh:
                     top.commit(fresh)
-                    self.index.insert([(k, location) for k in fresh])
+                    self.index.insert(self._top_entries(fresh, location))
                 for i in indices:
                     published[i] = True
 
@@ -202,6 +208,21 @@ class TierStack:
         if dropped:
             self.metrics.dropped.inc(dropped)
         return SaveOutcome(len(got_keys), already, dropped)
+
+    def _top_entries(self, keys: list[BlockKey], location: Location) -> list[tuple[BlockKey, Location]]:
+        """Index entries of blocks just committed to the top tier at ``location``: each with its
+        own offset when peers read this pool (``publish_offsets``: a fetching peer then starts its
+        read without waiting for its Pin's answer, remote.py), else all sharing the one object."""
+        if not self.publish_offsets:
+            return [(k, location) for k in keys]
+        tier, node, nbytes = location.tier, location.node, location.nbytes
+        return [(k, Location(tier, node, nbytes, None, offset)) for k, offset in zip(keys, self._offsets(self.top[1], keys))]
+
+    def _offsets(self, tier: Tier, keys: list[BlockKey]) -> list[int]:
+        """Where ``keys`` lie in ``tier``'s memory, when it is the pool peers read; -1 otherwise."""
+        if not self.publish_offsets or tier is not self.top[1]:
+            return [-1] * len(keys)
+        return [-1 if where is None else where[0] for where in tier.locate(keys)]
 
     def _reserve_top(self, keys: list[BlockKey], nbytes: int) -> list[memoryview | None]:
         """Slots in the top tier for ``keys``, evicting for those that found none the first time;
@@ -475,7 +496,7 @@ class TierStack:
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done], [verified[n] for n, ok in enumerate(hits) if ok])
-                entries = [(keys[i], location) for i in done]
+                entries = self._top_entries([keys[i] for i in done], location)
                 self.index.insert_here(entries)
                 publish.extend(entries)
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))

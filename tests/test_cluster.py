@@ -34,14 +34,14 @@ def redis(tmp_path_factory):
 LOOPBACK = "{kind: loopback}"
 
 
-def node_config(redis, node: str, prefix: str, transport: str = LOOPBACK) -> str:
+def node_config(redis, node: str, prefix: str, transport: str = LOOPBACK, verify: bool = True) -> str:
     return f"""
 server: {{node: {node}}}
 index: {{kind: redis, url: '{redis.url}', node: {node}, key_prefix: {prefix}, heartbeat: 200ms, node_ttl: 1s}}
 transport: {transport}
 tiers:
   - {{kind: dram, capacity: 16mb, chunk: 1mb}}
-  - {{kind: remote, timeout: 2s}}
+  - {{kind: remote, timeout: 2s, verify: {str(verify).lower()}}}
 """
 
 
@@ -51,13 +51,13 @@ def prompt(seed: int, blocks: int = 12) -> list[int]:
 
 
 @contextlib.contextmanager
-def two_nodes(redis, model: str, transport_a: str = LOOPBACK, transport_b: str = LOOPBACK
-              ) -> Iterator[tuple[PegaflowClient, SimulatedEngine, PegaflowClient, SimulatedEngine]]:
-    """Daemons of nodes a and b sharing one cluster index, a client and an engine on each (closed
-    on the way out)."""
-    prefix = f"t{uuid.uuid4().hex[:8]}"
+def two_nodes(redis, model: str, transport_a: str = LOOPBACK, transport_b: str = LOOPBACK, prefix: str = "",
+              verify: bool = True) -> Iterator[tuple[PegaflowClient, SimulatedEngine, PegaflowClient, SimulatedEngine]]:
+    """Daemons of nodes a and b sharing one cluster index (under ``prefix`` in Redis), a client
+    and an engine on each (closed on the way out)."""
+    prefix = prefix or f"t{uuid.uuid4().hex[:8]}"
     with DaemonProcess(node_config(redis, "a", prefix, transport_a)) as a, \
-            DaemonProcess(node_config(redis, "b", prefix, transport_b)) as b, \
+            DaemonProcess(node_config(redis, "b", prefix, transport_b, verify)) as b, \
             PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
         engines = (SimulatedEngine(on_a, SMALL, model=model, instance_id="a0"),
                    SimulatedEngine(on_b, SMALL, model=model, instance_id="b0"))
@@ -76,6 +76,42 @@ def test_a_block_saved_on_one_node_is_fetched_exact_by_another(redis):
         assert on_b.stats().counters["bytes_total{direction=promote,tier=remote}"] == 12 * SMALL.block_bytes
         again = loader.prefill(prompt(1), verify=True)  # now local on b
         assert again.hit_blocks == 12
+
+
+def test_without_verification_blocks_are_fetched_after_the_pin(redis):
+    """``verify: false`` has no checksum to judge bytes read before the Pin: it pins first."""
+    with two_nodes(redis, "trusting", verify=False) as (on_a, saver, on_b, loader):
+        saver.prefill(prompt(13))
+        got = loader.prefill(prompt(13), verify=True)
+        assert got.hit_blocks == 12 and got.failed_blocks == 0
+
+
+def test_a_published_offset_that_went_stale_is_a_miss_never_the_neighbour(redis):
+    """b reads from the offsets a published, before a's Pin answers. Here every published offset
+    points at another of a's blocks (as if a had moved them): the Pin places each block elsewhere,
+    so none of the bytes read is served: each is a miss, recomputed."""
+    from dataclasses import replace
+
+    from pegaflow_core.keys import BlockKey
+    from pegaflow_redis import RedisIndex
+    from pegaflow_redis.options import RedisIndexOptions
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with two_nodes(redis, "moved", prefix=prefix) as (on_a, saver, on_b, loader):
+        saver.prefill(prompt(14))
+        keys = [BlockKey(saver.namespace, h, 0) for h in block_hashes(prompt(14), SMALL.block_size)]
+        index = RedisIndex(RedisIndexOptions(url=redis.url, node="tester", key_prefix=prefix))
+        try:
+            published = [locs[0] for locs in index.lookup(keys)]
+            assert {loc.node for loc in published} == {"a"} and min(loc.offset for loc in published) >= 0
+            offsets = [loc.offset for loc in published]
+            index.insert([(k, replace(loc, offset=o)) for k, loc, o in zip(keys, published, offsets[1:] + offsets[:1])])
+        finally:
+            index.close()
+        got = loader.prefill(prompt(14), verify=True)  # raises if a wrong byte was served
+        assert got.failed_blocks >= 1 and got.hit_blocks == 0
+        assert on_b.stats().counters.get("bytes_total{direction=promote,tier=remote}", 0) == 0
+        assert loader.prefill(prompt(14), verify=True).hit_blocks == 12  # recomputed and saved on b
 
 
 def test_a_query_that_waits_answers_once_the_remote_blocks_are_here(redis):

@@ -66,6 +66,14 @@ def test_an_index_without_a_cluster_inserts_everything_here_and_has_nothing_to_p
     assert index.lookup([k]) == [(DRAM,)]
 
 
+@pytest.mark.parametrize("offset", [-2, 1.5, True, None])
+def test_a_location_with_a_bad_offset_is_refused_and_nothing_is_inserted(index, offset):
+    key, other = BlockKey("ns", b"a" * 32), BlockKey("ns", b"b" * 32)
+    with pytest.raises(InvalidArgument, match=r"entries\[1\]\[1\]\.offset: expected an integer >= 0, or -1"):
+        index.insert([(other, Location("dram", "", 4096, offset=0)), (key, Location("dram", "", 4096, offset=offset))])
+    assert index.lookup([other, key]) == [(), ()]
+
+
 def test_acquire_pins_the_longest_prefix_and_stops_at_first_miss(index):
     keys = fill(index, 5)
     index.remove([keys[3]])

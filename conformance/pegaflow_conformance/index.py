@@ -66,6 +66,14 @@ class IndexContract:
         index.insert([(key, Location("dram", "", 8192, checksum=2))])
         assert index.lookup([key]) == [(Location("dram", "", 8192, checksum=2),)]
 
+    def test_a_location_keeps_its_offset(self, index) -> None:
+        """Peers read a block at the offset its owner published, before its Pin answers."""
+        keys = make_keys(2)
+        placed = Location("dram", "node-b", 4096, checksum=2**64 - 1, offset=3 << 40)
+        index.insert([(keys[0], placed), (keys[1], DRAM)])
+        assert index.lookup(keys) == [(placed,), (DRAM,)]
+        assert index.lookup(keys)[1][0].offset == -1
+
     def test_lookup_does_not_touch_recency(self, index) -> None:
         keys = make_keys(3)
         index.insert([(k, DRAM) for k in keys])

@@ -10,7 +10,11 @@ the configured transport, straight into the slot this node's top tier reserved f
 3. one batched ``transport.read`` per owner moves the bytes, the same single read the bare
    transport would make; each block is checked against the owner's checksum as soon as it has
    arrived, while the later ones still move, so a flipped bit or a block the owner lost
-   meanwhile is a miss, never served;
+   meanwhile is a miss, never served. When the owner published the blocks' offsets with their
+   locations (``Location.offset``), the read starts right after the lookup, with the Pin sent
+   alongside it: blocks that land before its answer wait for it, and a block is served only if
+   the Pin places it where it was read from and its bytes match the Pin's checksum, so a slot
+   the owner reused meanwhile is a miss too. Without verification the Pin stays first;
 4. ``Release`` ends the pin, without waiting for the answer (the pin also expires by itself).
 
 The tier stores nothing itself: ``put`` answers ``False`` (blocks are published where they are
@@ -38,6 +42,7 @@ from pegaflow_core.checksum import algorithm_name, checksum_for
 from pegaflow_core.copier import buffer_address, buffer_addresses
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
 from pegaflow_core.hookspecs import Register, hookimpl
+from pegaflow_core.index import Location
 from pegaflow_core.keys import BlockKey, check_keys
 from pegaflow_core.sizes import Duration
 from pegaflow_core.tier import MemoryKind, StackContext, Tier, TierCapabilities, TierUsage
@@ -87,7 +92,7 @@ class RemoteTier(Tier):
 
     def contains(self, keys: Sequence[BlockKey]) -> list[bool]:
         self._check_open()
-        return [bool(self._owners(locs)) for locs in self._ctx().index.lookup(check_keys(keys))]
+        return [bool(self._elsewhere(locs)) for locs in self._ctx().index.lookup(check_keys(keys))]
 
     def evict(self, keys: Sequence[BlockKey]) -> int:
         self._check_open()
@@ -124,10 +129,12 @@ class RemoteTier(Tier):
         addresses = buffer_addresses(dests)  # a tier's slots (PoolViews) know theirs: no lookup per block
         context = self._ctx()
         by_owner: dict[str, list[int]] = {}
+        copies: list[Location | None] = [None] * len(keys)  # the owner's copy of each block, as it published it
         for i, locs in enumerate(context.index.lookup(keys) if locations is None else locations):
-            owners = self._owners(locs)
-            if owners:
-                by_owner.setdefault(owners[0], []).append(i)
+            elsewhere = self._elsewhere(locs)
+            if elsewhere:
+                by_owner.setdefault(elsewhere[0].node, []).append(i)
+                copies[i] = elsewhere[0]
         results = [False] * len(keys)
         if not by_owner:
             return results
@@ -140,7 +147,7 @@ class RemoteTier(Tier):
             sums: list[int | None] | None = None if verified is None else [None] * len(positions)
             try:
                 fetched = self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions],
-                                      addresses[positions], sums)
+                                      addresses[positions], [copies[i] for i in positions], sums)
                 for n, (i, ok) in enumerate(zip(positions, fetched)):
                     results[i] = ok
                     if sums is not None:
@@ -172,7 +179,7 @@ class RemoteTier(Tier):
             raise InvalidArgument(f"probe: node {node!r} is not another live node of the cluster")
         targets = [byte_view(d, writable=True, what=f"dests[{i}]") for i, d in enumerate(dests)]
         with self._pinned(info, keys) as (remote, pinned):
-            ops, _ = self._plan(context, remote, pinned, targets, buffer_addresses(dests))
+            ops, _ = self._plan(context, remote, pinned.offsets, pinned.nbytes, targets, buffer_addresses(dests))
             if len(ops) != len(keys):
                 raise PegaflowError(f"probe: node {node!r} holds {len(ops)} of the {len(keys)} blocks")
             started = time.perf_counter()
@@ -184,18 +191,21 @@ class RemoteTier(Tier):
     def _pinned(self, info: object, keys: list[BlockKey]) -> Iterator[tuple[RemoteRegion, pb.PinResponse]]:
         """Pin ``keys`` on their owner for the duration of the block (the pin also expires by
         itself if this node dies first)."""
-        kind = self._transport_kind(info)
-        remote = RemoteRegion(info.transports[f"{kind}.address"].decode(), info.transports[f"{kind}.pool"])
+        remote = self._remote_region(info)
         stub = self._stub(info.address)
-        pinned = stub.Pin(
-            pb.PinRequest(blocks=[pb.BlockRef(namespace=k.namespace, block_hash=k.block_hash, shard=k.shard) for k in keys],
-                          lease_ttl_s=self.options.lease_ttl, requester=self._ctx().node),
-            timeout=self.options.timeout,
-        )
+        pinned = stub.Pin(self._pin_request(keys), timeout=self.options.timeout)
         try:
             yield remote, pinned
         finally:
             self._release(stub, pinned.lease_id)
+
+    def _remote_region(self, info: object) -> RemoteRegion:
+        kind = self._transport_kind(info)
+        return RemoteRegion(info.transports[f"{kind}.address"].decode(), info.transports[f"{kind}.pool"])
+
+    def _pin_request(self, keys: list[BlockKey]) -> pb.PinRequest:
+        return pb.PinRequest(blocks=[pb.BlockRef(namespace=k.namespace, block_hash=k.block_hash, shard=k.shard) for k in keys],
+                             lease_ttl_s=self.options.lease_ttl, requester=self._ctx().node)
 
     def _release(self, stub: pb_grpc.PegaflowStub, lease_id: str) -> None:
         """End a pin without waiting for the owner's answer: nothing here depends on it, and a
@@ -213,16 +223,17 @@ class RemoteTier(Tier):
         with self._lock:
             self._releasing.discard(call)
 
-    def _plan(self, context: StackContext, remote: RemoteRegion, pinned: pb.PinResponse,
+    def _plan(self, context: StackContext, remote: RemoteRegion, offsets: Sequence[int], sizes: Sequence[int],
               targets: list[memoryview], addresses: np.ndarray) -> tuple[list[TransferOp], list[int]]:
-        """One read op per block the owner still holds at the size we expect, into a slot of our
-        pool (``addresses``: each target's first byte); and the position of each op's block."""
+        """One read op per block the owner holds (``offsets``: where in its pool, -1 if not) at
+        the size we expect, into a slot of our pool (``addresses``: each target's first byte);
+        and the position of each op's block."""
         pool = context.top.buffer()
         base = buffer_address(pool)
         end = base + len(pool)
         ops, wanted = [], []
         for i, (target, address_of, offset, nbytes) in enumerate(
-                zip(targets, addresses.tolist(), pinned.offsets, pinned.nbytes)):
+                zip(targets, addresses.tolist(), offsets, sizes)):
             if offset < 0 or nbytes != len(target) or not base <= address_of < end:
                 continue  # not on that node any more, another size, or not a slot of our pool
             ops.append(TransferOp(context.pool_region, address_of - base, remote, offset, nbytes))
@@ -230,7 +241,16 @@ class RemoteTier(Tier):
         return ops, wanted
 
     def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-               verified: list[int | None] | None = None) -> list[bool]:
+               copies: Sequence[Location | None], verified: list[int | None] | None = None) -> list[bool]:
+        """Move ``keys`` from their owner into ``targets``: reading at once from where the owner
+        published them (``copies``), when it did for all and the bytes are verified, else after
+        its Pin's answer."""
+        if self.options.verify and all(c is not None and c.offset >= 0 for c in copies):
+            return self._fetch_published(info, keys, targets, addresses, copies, verified)
+        return self._fetch_pinned(info, keys, targets, addresses, verified)
+
+    def _fetch_pinned(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
+                      verified: list[int | None] | None = None) -> list[bool]:
         """Pin ``keys`` on their owner and move them into ``targets`` with one transport read
         (the per-read cost is paid once, as by the bare transport). Each block is verified where
         and when the transport reports it in place: on the receiving thread, while the block is
@@ -245,7 +265,7 @@ class RemoteTier(Tier):
             if self.options.verify and digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
                 return results
-            ops, wanted = self._plan(context, remote, pinned, targets, addresses)
+            ops, wanted = self._plan(context, remote, pinned.offsets, pinned.nbytes, targets, addresses)
             if not ops:
                 return results
             timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
@@ -272,6 +292,66 @@ class RemoteTier(Tier):
             if not self.options.verify:
                 for i in wanted:
                     results[i] = True
+        return results
+
+    def _fetch_published(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
+                         copies: Sequence[Location], verified: list[int | None] | None) -> list[bool]:
+        """``_fetch`` from the offsets the owner published: the read starts now and the Pin
+        travels alongside it, so its round trip (~2.8 ms on the 2-core VM, docs/benchmarks.md)
+        is off the fetch's path. Blocks that land before the Pin's answer wait for it; then a
+        block is served only if the Pin places it where it was read from, at the size read, and
+        its bytes match the Pin's checksum (the owner may have reused the slot before the pin)."""
+        context = self._ctx()
+        stub = self._stub(info.address)
+        pin = stub.Pin.future(self._pin_request(keys), timeout=self.options.timeout)
+        results = [False] * len(keys)
+        ops, wanted = self._plan(context, self._remote_region(info), [c.offset for c in copies],
+                                 [c.nbytes for c in copies], targets, addresses)
+        if not ops:
+            self._release(stub, pin.result().lease_id)
+            return results
+        timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
+        lock = threading.Lock()
+        answer: list[tuple[pb.PinResponse, Callable[[Buffer], int] | None, list[int | None] | None]] = []
+        early: list[int] = []  # blocks landed before the Pin's answer
+
+        def judge(j: int, pinned: pb.PinResponse, digest: Callable[[Buffer], int] | None,
+                  keep: list[int | None] | None) -> None:
+            i = wanted[j]
+            if digest is None or pinned.offsets[i] != copies[i].offset or pinned.nbytes[i] != len(targets[i]):
+                return  # unverifiable, or not where it was read from any more: a miss
+            results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest)
+            if keep is not None and results[i]:
+                keep[i] = pinned.checksums[i]
+
+        def check(j: int) -> None:
+            with lock:
+                if not answer:
+                    early.append(j)
+                    return
+            judge(j, *answer[0])
+
+        transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
+        pinned = None
+        try:
+            pinned = pin.result()
+            digest = checksum_for(pinned.checksum_algorithm)
+            if digest is None:
+                self._cannot_verify(info.node_id, pinned.checksum_algorithm)
+            keep = verified if pinned.checksum_algorithm == algorithm_name() else None
+            with lock:
+                answer.append((pinned, digest, keep))
+                landed, early[:] = early[:], []
+            for j in landed:  # verified here while the transport's thread verifies the later ones
+                judge(j, pinned, digest, keep)
+            transfer.result(timeout=timeout + 1)  # raises if the read failed
+        finally:
+            # A read still in flight writes into slots our caller frees when we fail: wait for it
+            # (it ends by its own timeout) before handing them back.
+            with contextlib.suppress(Exception):
+                transfer.result(timeout=timeout + 1)
+            if pinned is not None:
+                self._release(stub, pinned.lease_id)
         return results
 
     def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str,
@@ -313,9 +393,10 @@ class RemoteTier(Tier):
         with self._lock:
             self._nodes_cache = None
 
-    def _owners(self, locations: Sequence[object]) -> list[str]:
+    def _elsewhere(self, locations: Sequence[Location]) -> list[Location]:
+        """The block's copies on other nodes."""
         node = self._ctx().node
-        return [loc.node for loc in locations if loc.node not in ("", node)]
+        return [loc for loc in locations if loc.node not in ("", node)]
 
     def _transport_kind(self, info: object) -> str:
         for name in info.transports:

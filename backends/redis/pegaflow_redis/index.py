@@ -551,9 +551,10 @@ class RedisIndex(Index):
             return cached
         out = []
         for record in packed.split(RS):
-            tier, node, nbytes, checksum = record.split(US)
+            # tier, node, nbytes, checksum, offset (a record written before offsets has four)
+            tier, node, nbytes, checksum, *offset = record.split(US)
             out.append(Location(tier.decode(), "" if node == self._self_node else node.decode(), int(nbytes),
-                                int(checksum) if checksum else None))
+                                int(checksum) if checksum else None, int(offset[0]) if offset and offset[0] else -1))
         locations = tuple(out)
         if len(self._decoded) >= _DECODE_CACHE:
             self._decoded.clear()  # crude, but bounded and lock-free (dict operations are atomic)
@@ -588,7 +589,8 @@ def _pack(encs: list[bytes]) -> bytes:
 
 def _value(location: Location) -> bytes:
     checksum = b"" if location.checksum is None else str(location.checksum).encode()
-    return str(location.nbytes).encode() + US + checksum
+    offset = b"" if location.offset < 0 else str(location.offset).encode()
+    return str(location.nbytes).encode() + US + checksum + US + offset
 
 
 def _has_control(name: str) -> bool:

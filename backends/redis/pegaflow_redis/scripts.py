@@ -7,8 +7,9 @@ Every script receives the key prefix as ``ARGV[1]`` and this node's id as ``ARGV
 key names itself (README: key layout). Block keys travel as ``BlockKey.encode()`` bytes.
 
 Locations of one block are one field of the hash ``P:loc``: records separated by ``\\x1e``, each
-``tier \\x1f node \\x1f nbytes \\x1f checksum`` (checksum: decimal or empty; it stays a string, as
-Lua numbers are doubles and would round a 64-bit hash). Tier, node and owner names may not contain
+``tier \\x1f node \\x1f nbytes \\x1f checksum \\x1f offset`` (checksum and offset: decimal or empty;
+they stay strings, as Lua numbers are doubles and would round a 64-bit hash; a record written by
+an older version has no offset field). Tier, node and owner names may not contain
 control characters, so the separators never appear inside them.
 
 Liveness: a node listed in ``P:members`` whose ``P:n:<node>`` hash (its heartbeat, with a TTL) is
@@ -235,7 +236,7 @@ local function touch(encs, wheres)
 end
 """
 
-# ARGV: P, SELF, keys (packed), records ("tier\31node\31nbytes\31checksum" per key, joined by \29).
+# ARGV: P, SELF, keys (packed), records ("tier\31node\31nbytes\31checksum\31offset" per key, joined by \29).
 # Replaces each key's record on that tier/node; makes every location of the key most recent.
 INSERT = _PRELUDE + r"""
 local encs = read_keys(ARGV[3])

@@ -66,6 +66,18 @@ def test_insert_by_stack_node_name_reads_back_as_this_node(pair) -> None:
     assert b.lookup([key]) == [()]
 
 
+def test_offsets_travel_with_locations_and_older_records_read_without_one(pair) -> None:
+    """A record written before locations carried offsets (four fields) still reads: offset -1,
+    which makes a fetching peer wait for its Pin's answer."""
+    a, b = pair
+    new, old = keys(2)
+    a.insert([(new, Location("dram", "", 2 << 20, checksum=9, offset=6 << 20))])
+    assert b.lookup([new]) == [(Location("dram", "a", 2 << 20, 9, 6 << 20),)]
+    a._client.hset(f"{a.options.key_prefix}:loc", old.encode(), b"dram\x1fa\x1f4096\x1f7")
+    assert b.lookup([old]) == [(Location("dram", "a", 4096, 7),)]
+    assert b.lookup([old])[0][0].offset == -1
+
+
 def test_same_key_on_two_nodes(pair) -> None:
     a, b = pair
     key = keys(1)[0]
