@@ -183,7 +183,9 @@ class TierStack:
                 fresh = [got_keys[i] for i in indices if not published[i]]
                 if fresh:
                     top.commit(fresh)
-                    self.index.insert(self._top_entries(fresh, location))
+                    entries = [(k, location) for k in fresh]
+                    self.index.insert_here(entries)
+                    self.index.publish(self._for_peers(entries))
                 for i in indices:
                     published[i] = True
 
@@ -209,13 +211,16 @@ class TierStack:
             self.metrics.dropped.inc(dropped)
         return SaveOutcome(len(got_keys), already, dropped)
 
-    def _top_entries(self, keys: list[BlockKey], location: Location) -> list[tuple[BlockKey, Location]]:
-        """Index entries of blocks just committed to the top tier at ``location``: each with its
-        own offset when peers read this pool (``publish_offsets``: a fetching peer then starts its
-        read without waiting for its Pin's answer, remote.py), else all sharing the one object."""
-        if not self.publish_offsets:
-            return [(k, location) for k in keys]
-        tier, node, nbytes = location.tier, location.node, location.nbytes
+    def _for_peers(self, entries: list[tuple[BlockKey, Location]]) -> list[tuple[BlockKey, Location]]:
+        """Blocks just committed to the top tier, sharing one Location, as the cluster is told of
+        them: each with its own offset when peers read this pool (``publish_offsets``: a fetching
+        peer then starts its read without waiting for its Pin's answer, remote.py). This node's
+        own index keeps the shared Location: one object per batch to build and validate, instead
+        of one per block (~1 ms per 625 blocks on the 2-core VM)."""
+        if not self.publish_offsets or not entries:
+            return entries
+        keys = [k for k, _ in entries]
+        tier, node, nbytes = entries[0][1].tier, entries[0][1].node, entries[0][1].nbytes
         return [(k, Location(tier, node, nbytes, None, offset)) for k, offset in zip(keys, self._offsets(self.top[1], keys))]
 
     def _offsets(self, tier: Tier, keys: list[BlockKey]) -> list[int]:
@@ -496,9 +501,9 @@ class TierStack:
             done = [i for i, ok in zip(pending, hits) if ok]
             if done:
                 top.commit([keys[i] for i in done], [verified[n] for n, ok in enumerate(hits) if ok])
-                entries = self._top_entries([keys[i] for i in done], location)
+                entries = [(keys[i], location) for i in done]
                 self.index.insert_here(entries)
-                publish.extend(entries)
+                publish.extend(self._for_peers(entries))
                 self.metrics.bytes.labels(lower_name, "promote").inc(nbytes * len(done))
             pending = [i for i, ok in zip(pending, hits) if not ok]
         if pending:
