@@ -49,8 +49,8 @@ class TierStack:
 
     def __init__(self, tiers: Sequence[tuple[str, Tier]], index: Index, metrics: Metrics, node: str = "",
                  publish_offsets: bool = False) -> None:
-        """``publish_offsets``: peers read this node's top tier over a transport, so its blocks are
-        indexed with their offsets there (``Location.offset``)."""
+        """``publish_offsets``: peers read this node's top tier over a transport, so what the
+        cluster is told of its blocks carries their offsets there (``Location.offset``)."""
         if not tiers:
             raise InvalidArgument("a tier stack needs at least one tier")
         top_name, top = tiers[0]

@@ -268,7 +268,7 @@ class RemoteTier(Tier):
             ops, wanted = self._plan(context, remote, pinned.offsets, pinned.nbytes, targets, addresses)
             if not ops:
                 return results
-            timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
+            timeout = self._read_timeout(ops)
 
             keep = verified if pinned.checksum_algorithm == algorithm_name() else None
 
@@ -310,7 +310,7 @@ class RemoteTier(Tier):
         if not ops:
             self._release(stub, pin.result().lease_id)
             return results
-        timeout = self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
+        timeout = self._read_timeout(ops)
         lock = threading.Lock()
         answer: list[tuple[pb.PinResponse, Callable[[Buffer], int] | None, list[int | None] | None]] = []
         early: list[int] = []  # blocks landed before the Pin's answer
@@ -353,6 +353,10 @@ class RemoteTier(Tier):
             if pinned is not None:
                 self._release(stub, pinned.lease_id)
         return results
+
+    def _read_timeout(self, ops: list[TransferOp]) -> float:
+        """``timeout`` per started TIMEOUT_BYTES of the read: a large fetch is not cut short."""
+        return self.options.timeout * max(1, math.ceil(sum(op.length for op in ops) / TIMEOUT_BYTES))
 
     def _verified(self, key: BlockKey, target: memoryview, expected: int, owner: str,
                   digest: Callable[[Buffer], int]) -> bool:
