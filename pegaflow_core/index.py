@@ -171,6 +171,7 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
         )
     items: list[tuple[BlockKey, Location]] = []
     checked: set[int] = set()  # ids of Location objects validated already (a batch often shares one)
+    clean: set[tuple[str, str]] = set()  # (tier, node) pairs validated already: per-block Locations repeat them
     for i, item in enumerate(entries):
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise InvalidArgument(f"entries[{i}]: expected a (BlockKey, Location) pair, got {item!r:.80}")
@@ -184,16 +185,18 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
             raise InvalidArgument(
                 f"entries[{i}][1]: expected a Location, got {type(location).__name__} {location!r:.60}"
             )
-        if not isinstance(location.tier, str) or not location.tier or _has_control(location.tier):
-            raise InvalidArgument(
-                f"entries[{i}][1].tier: expected a non-empty tier name without control characters, "
-                f"got {location.tier!r}"
-            )
-        if not isinstance(location.node, str) or _has_control(location.node):
-            raise InvalidArgument(
-                f"entries[{i}][1].node: expected a node id without control characters ('' = this node), "
-                f"got {location.node!r}"
-            )
+        names = (location.tier, location.node)
+        if not (type(location.tier) is str and type(location.node) is str and names in clean):
+            if not isinstance(location.tier, str) or not location.tier or _has_control(location.tier):
+                raise InvalidArgument(
+                    f"entries[{i}][1].tier: expected a non-empty tier name without control characters, "
+                    f"got {location.tier!r}"
+                )
+            if not isinstance(location.node, str) or _has_control(location.node):
+                raise InvalidArgument(
+                    f"entries[{i}][1].node: expected a node id without control characters ('' = this node), "
+                    f"got {location.node!r}"
+                )
         if not isinstance(location.nbytes, int) or isinstance(location.nbytes, bool) or location.nbytes < 0:
             raise InvalidArgument(f"entries[{i}][1].nbytes: expected an integer >= 0, got {location.nbytes!r}")
         if location.checksum is not None and (
@@ -207,6 +210,7 @@ def check_entries(entries: Sequence[tuple[BlockKey, Location]]) -> list[tuple[Bl
                 f"entries[{i}][1].offset: expected an integer >= 0, or -1 for unknown, got {location.offset!r}"
             )
         checked.add(id(location))
+        clean.add(names)
         items.append((key, location))
     return items
 

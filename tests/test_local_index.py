@@ -74,6 +74,19 @@ def test_a_location_with_a_bad_offset_is_refused_and_nothing_is_inserted(index, 
     assert index.lookup([other, key]) == [(), ()]
 
 
+@pytest.mark.parametrize("tier, node, field", [("", "", "tier"), ("dr\x1eam", "", "tier"), (["dram"], "", "tier"),
+                                              ("dram", "b\x1f", "node"), ("dram", ["b"], "node")])
+def test_names_are_checked_in_every_entry_not_only_the_first(index, tier, node, field):
+    """A batch of per-block Locations shares its (tier, node) names, so they are validated once
+    per batch; a later entry with other names is still checked, and nothing is inserted."""
+    keys = [BlockKey("ns", bytes([65 + i]) * 32) for i in range(3)]
+    batch = [(keys[0], Location("dram", "", 4096, offset=0)), (keys[1], Location("dram", "", 4096, offset=4096)),
+             (keys[2], Location(tier, node, 4096, offset=8192))]
+    with pytest.raises(InvalidArgument, match=rf"entries\[2\]\[1\]\.{field}: expected"):
+        index.insert(batch)
+    assert index.lookup(keys) == [(), (), ()]
+
+
 def test_acquire_pins_the_longest_prefix_and_stops_at_first_miss(index):
     keys = fill(index, 5)
     index.remove([keys[3]])
