@@ -42,8 +42,8 @@ class RemoteBenchmark:
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument("--blocks", type=int, default=256, help="2 MiB blocks per round (default %(default)s)")
-        # Single rounds of the same read move by up to 2x on a busy 2-core machine; a median of 3
-        # or 5 then swings by +-0.07 between runs, more than the gap it measures (benchmarks.md).
+        # Single rounds of the same read move by up to 2x on a busy 2-core machine, more than the
+        # gap measured: 15 pairs per run instead of 3 (even so, runs spread; benchmarks.md).
         p.add_argument("--rounds", type=int, default=15, help="timed rounds (default %(default)s)")
         p.add_argument("--transport", default="loopback", help="transport kind (default %(default)s)")
         p.add_argument("--no-verify", action="store_true", help="remote tier with verify: false (trust the transport)")
