@@ -28,7 +28,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,7 +51,7 @@ from pegaflow_core.transport import RemoteRegion, TransferOp
 log = logging.getLogger("pegaflow.remote")
 
 TIMEOUT_BYTES = 8 << 20  # a fetch's read may take ``timeout`` per this many bytes
-NODES_TTL_S = 1.0  # how long fetches reuse the cluster's list of nodes (addresses, pool descriptors)
+NODES_TTL_S = 10.0  # how long fetches reuse the cluster's list of nodes (addresses, pool descriptors)
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class RemoteTier(Tier):
         results = [False] * len(keys)
         if not by_owner:
             return results
-        nodes = self._nodes()
+        nodes = self._nodes(by_owner)
         for owner, positions in by_owner.items():
             info = nodes.get(owner)
             if info is None:
@@ -302,13 +302,10 @@ class RemoteTier(Tier):
         block is served only if the Pin places it where it was read from, at the size read, and
         its bytes match the Pin's checksum (the owner may have reused the slot before the pin)."""
         context = self._ctx()
-        stub = self._stub(info.address)
-        pin = stub.Pin.future(self._pin_request(keys), timeout=self.options.timeout)
         results = [False] * len(keys)
         ops, wanted = self._plan(context, self._remote_region(info), [c.offset for c in copies],
                                  [c.nbytes for c in copies], targets, addresses)
         if not ops:
-            self._release(stub, pin.result().lease_id)
             return results
         timeout = self._read_timeout(ops)
         lock = threading.Lock()
@@ -333,8 +330,11 @@ class RemoteTier(Tier):
 
         transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
         pinned = None
+        stub = self._stub(info.address)
         try:
-            pinned = pin.result()
+            # Sent once the read is under way: building it (a BlockRef per block) and the send
+            # would otherwise delay the read's first request.
+            pinned = stub.Pin.future(self._pin_request(keys), timeout=self.options.timeout).result()
             digest = checksum_for(pinned.checksum_algorithm)
             if digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
@@ -378,14 +378,15 @@ class RemoteTier(Tier):
                       "blocks are misses; run one pegaflow version on every node, or set `verify: false` on "
                       "the remote tier", owner, algorithm or "an unnamed algorithm", algorithm_name())
 
-    def _nodes(self) -> dict[str, Any]:
-        """The cluster's live nodes, read from the index at most every ``NODES_TTL_S``: a fetch
-        needs only their addresses, which change when a node restarts, and a fetch that fails
-        forgets them (``_forget_nodes``). An empty answer (the index is down) is not kept."""
+    def _nodes(self, wanted: Iterable[str] = ()) -> dict[str, Any]:
+        """The cluster's live nodes, read from the index at most every ``NODES_TTL_S`` unless one
+        of the ``wanted`` owners is not among them (it joined since): a fetch needs only their
+        addresses, which change when a node restarts, and a fetch that fails forgets them
+        (``_forget_nodes``). An empty answer (the index is down) is not kept."""
         now = time.monotonic()
         with self._lock:
             cached = self._nodes_cache
-        if cached is not None and now < cached[0]:
+        if cached is not None and now < cached[0] and all(node in cached[1] for node in wanted):
             return cached[1]
         nodes = self._ctx().index.nodes()
         if nodes:
