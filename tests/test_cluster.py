@@ -221,6 +221,25 @@ def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
             engine.close()
 
 
+def test_a_node_that_joins_after_a_fetch_is_fetched_from_at_once(redis):
+    """Node b keeps the cluster's node list for a while after a fetch; an owner missing from it
+    (node c started since) makes b read it again instead of taking c's blocks for misses."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
+            PegaflowClient(a.endpoint) as on_a, PegaflowClient(b.endpoint) as on_b:
+        saver, loader = SimulatedEngine(on_a, SMALL, model="joins", instance_id="a0"), SimulatedEngine(on_b, SMALL, model="joins", instance_id="b0")
+        saver.prefill(prompt(7))
+        assert loader.prefill(prompt(7), verify=True).hit_blocks == 12  # b has read the node list: a and b
+        with DaemonProcess(node_config(redis, "c", prefix)) as c, PegaflowClient(c.endpoint) as on_c:
+            late = SimulatedEngine(on_c, SMALL, model="joins", instance_id="c0")
+            late.prefill(prompt(8))
+            got = loader.prefill(prompt(8), verify=True)
+            assert got.hit_blocks == 12 and got.failed_blocks == 0
+            late.close()
+        saver.close()
+        loader.close()
+
+
 def test_probe_remote_times_the_bare_transport_between_the_two_daemons(redis):
     with two_nodes(redis, "probe") as (on_a, saver, on_b, prober):
         saver.prefill(prompt(6))
