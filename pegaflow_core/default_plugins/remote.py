@@ -330,11 +330,11 @@ class RemoteTier(Tier):
 
         transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
         pinned = None
-        stub = self._stub(info.address)
         try:
             # Sent once the read is under way: building it (a BlockRef per block) and the send
             # would otherwise delay the read's first request.
-            pinned = stub.Pin.future(self._pin_request(keys), timeout=self.options.timeout).result()
+            stub = self._stub(info.address)
+            pinned = stub.Pin(self._pin_request(keys), timeout=self.options.timeout)
             digest = checksum_for(pinned.checksum_algorithm)
             if digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
