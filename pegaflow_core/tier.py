@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -111,7 +111,8 @@ class Tier(Backend, ABC):
 
     def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
                          locations: Sequence[Sequence[Location]],
-                         verified: list[int | None] | None = None) -> list[bool]:
+                         verified: list[int | None] | None = None,
+                         delivered: Callable[[list[int]], None] | None = None) -> list[bool]:
         """``get_into``, told where the index placed each key a moment ago (``locations[i]`` for
         ``keys[i]``, from the caller's lease): a tier that would look its keys up in the index
         (the remote tier, in Redis) skips that round trip. The default ignores them.
@@ -120,7 +121,14 @@ class Tier(Backend, ABC):
         delivered block's bytes against a checksum of this node's algorithm
         (``pegaflow_core.checksum``) writes that checksum at the block's position, so the caller
         can hand it to ``commit`` instead of having the block hashed again. The default leaves
-        it as it is."""
+        it as it is.
+
+        ``delivered``, when given, may be called before this returns, from any thread, with
+        positions whose bytes are in their destinations for good (checked, and their
+        ``verified`` entries written): the caller commits them at once while the rest still
+        move. A position reported there counts as a hit whatever the answer says; a block that
+        fails later (the rest of a read is cut) is simply not reported. The default never
+        calls it."""
         return self.get_into(keys, dests)
 
     @abstractmethod

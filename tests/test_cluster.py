@@ -4,6 +4,7 @@ saved on node a is found and fetched by node b; corruption in flight and a dead 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 import uuid
@@ -217,6 +218,33 @@ def test_a_prefix_held_by_two_owners_is_fetched_from_both(redis):
         reader = SimulatedEngine(on_c, SMALL, model="three", instance_id="c0")
         got = reader.prefill(tokens, verify=True)
         assert got.hit_blocks == 12 and got.failed_blocks == 0
+        for engine in (first, second, reader):
+            engine.close()
+
+
+def test_long_prefixes_from_two_owners_are_handed_over_in_batches_and_arrive_exact(redis):
+    """Each owner's part of the prefix is more than two of the batches (HANDOVER_BLOCKS) that the
+    remote tier hands to the stack while its read still moves: every batch must be committed
+    under its own keys, from both owners' reads at once, and the last partial one with the
+    answer."""
+    from pegaflow_core.default_plugins.remote import HANDOVER_BLOCKS
+
+    blocks = 4 * HANDOVER_BLOCKS + 5
+    shape = dataclasses.replace(SMALL, num_blocks=blocks + 8)
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    with DaemonProcess(node_config(redis, "a", prefix)) as a, DaemonProcess(node_config(redis, "b", prefix)) as b, \
+            DaemonProcess(node_config(redis, "c", prefix)) as c, PegaflowClient(a.endpoint) as on_a, \
+            PegaflowClient(b.endpoint) as on_b, PegaflowClient(c.endpoint) as on_c:
+        first = SimulatedEngine(on_a, shape, model="batches", instance_id="a0")
+        second = SimulatedEngine(on_b, shape, model="batches", instance_id="b0")
+        tokens = prompt(9, blocks=blocks)
+        half = 16 * (blocks // 2)
+        first.prefill(tokens[:half])
+        second.prefill(tokens)  # b fetches the first half from a, saves the rest
+        assert on_b.stats().counters.get("bytes_total{direction=promote,tier=remote}", 0) == (blocks // 2) * shape.block_bytes
+        reader = SimulatedEngine(on_c, shape, model="batches", instance_id="c0")
+        got = reader.prefill(tokens, verify=True)
+        assert got.hit_blocks == blocks and got.failed_blocks == 0
         for engine in (first, second, reader):
             engine.close()
 

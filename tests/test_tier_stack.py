@@ -12,7 +12,7 @@ import pytest
 from daemon_helpers import SMALL
 from pegaflow_core.client import PegaflowClient
 from pegaflow_core.config import parse_config
-from pegaflow_core.errors import PegaflowError
+from pegaflow_core.errors import PegaflowError, PluginError
 from pegaflow_core.index import Location
 from pegaflow_core.keys import BlockKey
 from pegaflow_core.launcher import DaemonProcess
@@ -220,7 +220,7 @@ def test_a_promotion_commits_the_checksums_the_lower_tier_verified(stack):
     stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
     delivered = lower.get_into
 
-    def get_into_located(wanted, dests, locations, verified=None):
+    def get_into_located(wanted, dests, locations, verified=None):  # written before ``delivered`` existed
         hits = delivered(wanted, dests)
         for n, key in enumerate(wanted):
             if verified is not None and key != keys[1]:  # the middle one came unchecked
@@ -228,9 +228,46 @@ def test_a_promotion_commits_the_checksums_the_lower_tier_verified(stack):
         return hits
 
     lower.get_into_located = get_into_located
+    stack._delivers["lower"] = False  # as the stack finds it for such a tier's class
     lease = stack.acquire(keys, 30.0, owner="t")
     queued: list[tuple] = []
     assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call), locations=lease.locations)
     fn, *args = queued[0]
     fn(*args)
     assert stack.tiers[0][1].checksums(keys) == [1000, None, 1002]
+
+
+def test_blocks_a_lower_tier_delivers_early_are_served_before_its_call_returns(stack):
+    """A lower tier that hands blocks over while the rest still move (the remote tier, batch by
+    batch of one read) has them committed, indexed and sealed with their checksums at once; what
+    it delivers counts as a hit even where its answer says otherwise (the rest of its read was
+    cut), and the rest of its hits are committed when it returns."""
+    nbytes = 16 << 10
+    keys = [BlockKey("ns", b"e" * 31 + bytes([i]), 0) for i in range(4)]
+    lower = stack.tiers[1][1]
+    assert all(lower.put(keys, [bytes([i]) * nbytes for i in range(4)]))
+    stack.index.insert([(k, Location("lower", "", nbytes)) for k in keys])
+    top = stack.tiers[0][1]
+    seen_during: list[list[bool]] = []
+
+    def get_into_located(wanted, dests, locations, verified=None, delivered=None):
+        hits = lower.get_into(wanted, dests)
+        verified[0], verified[1] = 7, 8
+        delivered([0, 1])
+        seen_during.append(top.contains(wanted))
+        with pytest.raises(PluginError, match=r"tier 'lower' delivered blocks at positions \[1\] twice"):
+            delivered([1, 2])  # a tier's bug: nothing of that batch is committed
+        return [False, False, True, False]  # 0 and 1 delivered already; 3 did not arrive
+
+    lower.get_into_located = get_into_located
+    stack._delivers["lower"] = True
+    lease = stack.acquire(keys, 30.0, owner="t")
+    queued: list[tuple] = []
+    assert stack.start_promotion(lease.keys, nbytes, lambda *call: queued.append(call), locations=lease.locations)
+    fn, *args = queued[0]
+    fn(*args)
+    assert seen_during == [[True, True, False, False]]
+    assert top.contains(keys) == [True, True, True, False]
+    assert top.checksums(keys)[:2] == [7, 8]
+    assert [bytes(v[:1]) for v in top.view(keys[:3])] == [b"\x00", b"\x01", b"\x02"]
+    assert stack.index.lookup_here(keys[:3]) and all(stack.index.lookup_here(keys[:3]))

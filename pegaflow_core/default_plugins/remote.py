@@ -29,6 +29,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ from pegaflow_core._proto import pegaflow_pb2_grpc as pb_grpc
 from pegaflow_core.buffers import Buffer, byte_view
 from pegaflow_core.checksum import algorithm_name, checksum_for
 from pegaflow_core.copier import buffer_address, buffer_addresses
+from pegaflow_core.deferred import Deferred
 from pegaflow_core.errors import ClosedError, InvalidArgument, PegaflowError, TransportError
 from pegaflow_core.hookspecs import Register, hookimpl
 from pegaflow_core.index import Location
@@ -52,6 +54,8 @@ log = logging.getLogger("pegaflow.remote")
 
 TIMEOUT_BYTES = 8 << 20  # a fetch's read may take ``timeout`` per this many bytes
 NODES_TTL_S = 10.0  # how long fetches reuse the cluster's list of nodes (addresses, pool descriptors)
+HANDOVER_BLOCKS = 32  # fetched blocks handed to the caller at a time while the rest of the read moves
+RELEASE_DELAY_S = 0.005  # a fetch's pin is released this long after the fetch: after its answer
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,28 @@ class RemoteOptions:
     verify: bool = field(default=True, metadata={
         "help": "check each fetched block against the checksum its owner sealed (false: trust the transport's "
                 "own integrity checks; a failed or cut transfer is still a miss either way)"})
+
+
+class _Handover:
+    """The blocks of one fetch that are in place and checked, passed to the caller's
+    ``delivered`` HANDOVER_BLOCKS at a time while the rest of the read moves, so that their
+    commits overlap the transfer. The last partial batch is not passed: the caller takes it from
+    the answer. Both the transport's thread and the fetching one add to it."""
+
+    def __init__(self, deliver: Callable[[list[int]], None] | None) -> None:
+        self._deliver = deliver
+        self._lock = threading.Lock()
+        self._ready: list[int] = []
+
+    def add(self, i: int) -> None:
+        if self._deliver is None:
+            return
+        with self._lock:
+            self._ready.append(i)
+            if len(self._ready) < HANDOVER_BLOCKS:
+                return
+            batch, self._ready = self._ready, []
+        self._deliver(batch)
 
 
 class RemoteTier(Tier):
@@ -76,6 +102,9 @@ class RemoteTier(Tier):
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.PegaflowStub]] = {}
         self._nodes_cache: tuple[float, dict[str, Any]] | None = None  # (expires at, nodes)
         self._releasing: set[grpc.Future] = set()  # Release calls not answered yet
+        # pins to end once their fetch is over and its blocks are served (deferred.py)
+        self._to_release: Deferred[tuple[pb_grpc.PegaflowStub, str]] = Deferred(
+            "pegaflow-remote-release", self._send_releases, RELEASE_DELAY_S)
         self._unverifiable: set[tuple[str, str]] = set()  # (owner, algorithm) said already
         self._lock = threading.Lock()
         self._closed = False
@@ -108,19 +137,21 @@ class RemoteTier(Tier):
 
     def get_into_located(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
                          locations: Sequence[Sequence[Any]],
-                         verified: list[int | None] | None = None) -> list[bool]:
+                         verified: list[int | None] | None = None,
+                         delivered: Callable[[list[int]], None] | None = None) -> list[bool]:
         """``get_into`` with the owners the Query's lease found: no second cluster lookup. A
         location that went stale since is a miss, as it would be after a lookup (the owner's Pin
         says it no longer holds the block). ``verified`` gets the owner's checksum of each block
-        checked against it in this node's algorithm (``Tier.get_into_located``)."""
+        checked against it in this node's algorithm; ``delivered`` gets the blocks in place and
+        checked, HANDOVER_BLOCKS at a time, while the read goes on (``Tier.get_into_located``)."""
         if len(locations) != len(keys):
             raise InvalidArgument(f"locations: expected one entry per key ({len(keys)}), got {len(locations)}")
         if verified is not None and len(verified) != len(keys):
             raise InvalidArgument(f"verified: expected one entry per key ({len(keys)}), got {len(verified)}")
-        return self._get_into(keys, dests, locations, verified)
+        return self._get_into(keys, dests, locations, verified, delivered)
 
-    def _get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer],
-                  locations: Sequence[Sequence[Any]] | None, verified: list[int | None] | None) -> list[bool]:
+    def _get_into(self, keys: Sequence[BlockKey], dests: Sequence[Buffer], locations: Sequence[Sequence[Any]] | None,
+                  verified: list[int | None] | None, delivered: Callable[[list[int]], None] | None = None) -> list[bool]:
         self._check_open()
         keys = check_keys(keys)
         if len(keys) != len(dests):
@@ -144,20 +175,32 @@ class RemoteTier(Tier):
             if info is None:
                 log.info("remote: node %s holds %d blocks but is not live; they are misses", owner, len(positions))
                 continue
-            sums: list[int | None] | None = None if verified is None else [None] * len(positions)
-            try:
-                fetched = self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions],
-                                      addresses[positions], [copies[i] for i in positions], sums)
-                for n, (i, ok) in enumerate(zip(positions, fetched)):
-                    results[i] = ok
-                    if sums is not None:
+            fetched = [False] * len(positions)  # filled in as blocks land and pass their checks
+            sums: list[int | None] = [None] * len(positions)
+
+            def landed(batch: list[int], positions: list[int] = positions, sums: list[int | None] = sums) -> None:
+                at = [positions[n] for n in batch]
+                if verified is not None:
+                    for n, i in zip(batch, at):
                         verified[i] = sums[n]
+                delivered(at)
+
+            try:
+                self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions], addresses[positions],
+                            [copies[i] for i in positions], fetched, sums, _Handover(landed if delivered else None))
             except (PegaflowError, grpc.RpcError) as exc:
+                # What landed whole and passed its checks before the failure is kept; the rest are misses.
                 self._forget_nodes()  # the owner may have restarted elsewhere: ask the index again
-                log.warning("remote: fetching %d blocks from %s failed (%s); they are misses", len(positions), owner, exc)
+                log.warning("remote: fetching %d blocks from %s failed (%s); the %d not in place are misses",
+                            len(positions), owner, exc, fetched.count(False))
+            for n, i in enumerate(positions):
+                results[i] = fetched[n]
+                if verified is not None and fetched[n]:
+                    verified[i] = sums[n]
         return results
 
     def close(self) -> None:
+        self._to_release.close()  # sends what is queued, while the channels are still open
         with self._lock:
             self._closed = True
             stubs, self._stubs = self._stubs, {}
@@ -208,16 +251,26 @@ class RemoteTier(Tier):
                              lease_ttl_s=self.options.lease_ttl, requester=self._ctx().node)
 
     def _release(self, stub: pb_grpc.PegaflowStub, lease_id: str) -> None:
-        """End a pin without waiting for the owner's answer: nothing here depends on it, and a
-        Release that is lost only leaves the pin to expire by itself. The call is kept until it
-        is answered (a gRPC future that is dropped cancels its call)."""
-        try:
-            call = stub.Release.future(pb.ReleaseRequest(lease_ids=[lease_id]), timeout=self.options.timeout)
-        except ValueError:  # the tier was closed meanwhile (its channels with it)
-            return
-        with self._lock:
-            self._releasing.add(call)
-        call.add_done_callback(self._released)
+        """End a pin RELEASE_DELAY_S from now (deferred.py): sending the Release takes ~0.7 ms of
+        Python, which on the fetch's path delayed its answer by as much. A Release that is lost
+        only leaves the pin to expire by itself."""
+        self._to_release.put((stub, lease_id))
+
+    def _send_releases(self, pins: list[tuple[pb_grpc.PegaflowStub, str]]) -> None:
+        """One Release per owner for the pins queued together, without waiting for the answers:
+        nothing here depends on them. Each call is kept until it is answered (a gRPC future that
+        is dropped cancels its call)."""
+        by_owner: dict[int, tuple[pb_grpc.PegaflowStub, list[str]]] = {}
+        for stub, lease_id in pins:
+            by_owner.setdefault(id(stub), (stub, []))[1].append(lease_id)
+        for stub, lease_ids in by_owner.values():
+            try:
+                call = stub.Release.future(pb.ReleaseRequest(lease_ids=lease_ids), timeout=self.options.timeout)
+            except ValueError:  # the tier was closed meanwhile (its channels with it)
+                return
+            with self._lock:
+                self._releasing.add(call)
+            call.add_done_callback(self._released)
 
     def _released(self, call: grpc.Future) -> None:
         with self._lock:
@@ -241,85 +294,79 @@ class RemoteTier(Tier):
         return ops, wanted
 
     def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-               copies: Sequence[Location | None], verified: list[int | None] | None = None) -> list[bool]:
+               copies: Sequence[Location | None], results: list[bool], sums: list[int | None],
+               handover: _Handover) -> None:
         """Move ``keys`` from their owner into ``targets``: reading at once from where the owner
         published them (``copies``), when it did for all and the bytes are verified, else after
-        its Pin's answer."""
+        its Pin's answer. ``results[i]`` turns True once block i is in place and checked (and
+        ``sums[i]`` gets the checksum it passed, when it is one of this node's algorithm: the top
+        tier then seals the block with it instead of hashing it again); ``handover`` passes such
+        blocks on while the rest still move. Raises when the read or the Pin fails: the blocks
+        already marked in ``results`` landed whole and stay good."""
         if self.options.verify and all(c is not None and c.offset >= 0 for c in copies):
-            return self._fetch_published(info, keys, targets, addresses, copies, verified)
-        return self._fetch_pinned(info, keys, targets, addresses, verified)
+            self._fetch_published(info, keys, targets, addresses, copies, results, sums, handover)
+        else:
+            self._fetch_pinned(info, keys, targets, addresses, results, sums, handover)
 
     def _fetch_pinned(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-                      verified: list[int | None] | None = None) -> list[bool]:
-        """Pin ``keys`` on their owner and move them into ``targets`` with one transport read
-        (the per-read cost is paid once, as by the bare transport). Each block is verified where
-        and when the transport reports it in place: on the receiving thread, while the block is
-        still in the CPU's cache and the next ones queue up in the socket (natively, without the
-        GIL). A read that fails makes every block a miss. ``verified[i]`` gets the checksum
-        block i passed, when it is one of this node's algorithm (the top tier then seals the
-        block with it instead of hashing it again)."""
+                      results: list[bool], sums: list[int | None], handover: _Handover) -> None:
+        """``_fetch`` after the Pin: pin ``keys`` on their owner and move them into ``targets``
+        with one transport read (the per-read cost is paid once, as by the bare transport). Each
+        block is verified where and when the transport reports it in place: on the receiving
+        thread, while the block is still in the CPU's cache and the next ones queue up in the
+        socket (natively, without the GIL)."""
         context = self._ctx()
-        results = [False] * len(keys)
         with self._pinned(info, keys) as (remote, pinned):
             digest = checksum_for(pinned.checksum_algorithm)
             if self.options.verify and digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
-                return results
+                return
             ops, wanted = self._plan(context, remote, pinned.offsets, pinned.nbytes, targets, addresses)
             if not ops:
-                return results
+                return
             timeout = self._read_timeout(ops)
-
-            keep = verified if pinned.checksum_algorithm == algorithm_name() else None
+            ours = pinned.checksum_algorithm == algorithm_name()
 
             def check(j: int) -> None:
                 i = wanted[j]
-                results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest)
-                if keep is not None and results[i]:
-                    keep[i] = pinned.checksums[i]
+                if self.options.verify:
+                    if not self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
+                        return
+                    if ours:
+                        sums[i] = pinned.checksums[i]
+                results[i] = True
+                handover.add(i)
 
-            if self.options.verify:
-                transfer = context.transport.read_reporting(ops, check, timeout_s=timeout)
-            else:
-                transfer = context.transport.read(ops, timeout_s=timeout)
-            try:
-                transfer.result(timeout=timeout + 1)  # raises if the read failed
-            finally:
-                # A read still in flight writes into slots our caller frees when we fail: wait for
-                # it (it ends by its own timeout) before handing them back.
-                with contextlib.suppress(Exception):
-                    transfer.result(timeout=timeout + 1)
-            if not self.options.verify:
-                for i in wanted:
-                    results[i] = True
-        return results
+            self._await(context.transport.read_reporting(ops, check, timeout_s=timeout), timeout)
 
     def _fetch_published(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-                         copies: Sequence[Location], verified: list[int | None] | None) -> list[bool]:
+                         copies: Sequence[Location], results: list[bool], sums: list[int | None],
+                         handover: _Handover) -> None:
         """``_fetch`` from the offsets the owner published: the read starts now and the Pin
         travels alongside it, so its round trip (~2.8 ms on the 2-core VM, docs/benchmarks.md)
         is off the fetch's path. Blocks that land before the Pin's answer wait for it; then a
         block is served only if the Pin places it where it was read from, at the size read, and
         its bytes match the Pin's checksum (the owner may have reused the slot before the pin)."""
         context = self._ctx()
-        results = [False] * len(keys)
         ops, wanted = self._plan(context, self._remote_region(info), [c.offset for c in copies],
                                  [c.nbytes for c in copies], targets, addresses)
         if not ops:
-            return results
+            return
         timeout = self._read_timeout(ops)
         lock = threading.Lock()
-        answer: list[tuple[pb.PinResponse, Callable[[Buffer], int] | None, list[int | None] | None]] = []
+        answer: list[tuple[pb.PinResponse, Callable[[Buffer], int] | None, bool]] = []
         early: list[int] = []  # blocks landed before the Pin's answer
 
-        def judge(j: int, pinned: pb.PinResponse, digest: Callable[[Buffer], int] | None,
-                  keep: list[int | None] | None) -> None:
+        def judge(j: int, pinned: pb.PinResponse, digest: Callable[[Buffer], int] | None, ours: bool) -> None:
             i = wanted[j]
             if digest is None or pinned.offsets[i] != copies[i].offset or pinned.nbytes[i] != len(targets[i]):
                 return  # unverifiable, or not where it was read from any more: a miss
-            results[i] = self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest)
-            if keep is not None and results[i]:
-                keep[i] = pinned.checksums[i]
+            if not self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
+                return
+            if ours:
+                sums[i] = pinned.checksums[i]
+            results[i] = True
+            handover.add(i)
 
         def check(j: int) -> None:
             with lock:
@@ -338,21 +385,29 @@ class RemoteTier(Tier):
             digest = checksum_for(pinned.checksum_algorithm)
             if digest is None:
                 self._cannot_verify(info.node_id, pinned.checksum_algorithm)
-            keep = verified if pinned.checksum_algorithm == algorithm_name() else None
+            ours = pinned.checksum_algorithm == algorithm_name()
             with lock:
-                answer.append((pinned, digest, keep))
+                answer.append((pinned, digest, ours))
                 landed, early[:] = early[:], []
             for j in landed:  # verified here while the transport's thread verifies the later ones
-                judge(j, pinned, digest, keep)
-            transfer.result(timeout=timeout + 1)  # raises if the read failed
+                judge(j, pinned, digest, ours)
         finally:
-            # A read still in flight writes into slots our caller frees when we fail: wait for it
-            # (it ends by its own timeout) before handing them back.
+            try:
+                self._await(transfer, timeout)
+            finally:
+                if pinned is not None:
+                    self._release(stub, pinned.lease_id)
+
+    @staticmethod
+    def _await(transfer: Future[None], timeout: float) -> None:
+        """Wait for a read, raising if it failed. Also when the caller is failing already: a read
+        still in flight writes into slots the caller frees when it fails, so it is waited for (it
+        ends by its own timeout) before they are handed back."""
+        try:
+            transfer.result(timeout=timeout + 1)
+        finally:
             with contextlib.suppress(Exception):
                 transfer.result(timeout=timeout + 1)
-            if pinned is not None:
-                self._release(stub, pinned.lease_id)
-        return results
 
     def _read_timeout(self, ops: list[TransferOp]) -> float:
         """``timeout`` per started TIMEOUT_BYTES of the read: a large fetch is not cut short."""
