@@ -68,18 +68,24 @@ class RemoteOptions:
                 "own integrity checks; a failed or cut transfer is still a miss either way)"})
 
 
-class _Handover:
-    """The blocks of one fetch that are in place and checked, passed to the caller's
-    ``delivered`` HANDOVER_BLOCKS at a time while the rest of the read moves, so that their
-    commits overlap the transfer. The last partial batch is not passed: the caller takes it from
-    the answer. Both the transport's thread and the fetching one add to it."""
+class _Landing:
+    """What one fetch has landed: ``results[i]`` turns True once block i is in place and checked,
+    and ``sums[i]`` gets the checksum it passed when it is one of this node's algorithm (the top
+    tier then seals the block with it instead of hashing it again). Such blocks are passed to the
+    caller's ``deliver`` (with ``sums``) HANDOVER_BLOCKS at a time while the rest of the read moves, so that their
+    commits overlap the transfer; the last partial batch is not passed, the caller takes it from
+    ``results``. Both the transport's thread and the fetching one accept blocks."""
 
-    def __init__(self, deliver: Callable[[list[int]], None] | None) -> None:
+    def __init__(self, count: int, deliver: Callable[[list[int], list[int | None]], None] | None) -> None:
+        self.results = [False] * count
+        self.sums: list[int | None] = [None] * count
         self._deliver = deliver
         self._lock = threading.Lock()
         self._ready: list[int] = []
 
-    def add(self, i: int) -> None:
+    def accept(self, i: int, checksum: int | None) -> None:
+        self.sums[i] = checksum
+        self.results[i] = True
         if self._deliver is None:
             return
         with self._lock:
@@ -87,7 +93,7 @@ class _Handover:
             if len(self._ready) < HANDOVER_BLOCKS:
                 return
             batch, self._ready = self._ready, []
-        self._deliver(batch)
+        self._deliver(batch, self.sums)
 
 
 class RemoteTier(Tier):
@@ -175,28 +181,27 @@ class RemoteTier(Tier):
             if info is None:
                 log.info("remote: node %s holds %d blocks but is not live; they are misses", owner, len(positions))
                 continue
-            fetched = [False] * len(positions)  # filled in as blocks land and pass their checks
-            sums: list[int | None] = [None] * len(positions)
 
-            def landed(batch: list[int], positions: list[int] = positions, sums: list[int | None] = sums) -> None:
+            def landed(batch: list[int], sums: list[int | None], positions: list[int] = positions) -> None:
                 at = [positions[n] for n in batch]
                 if verified is not None:
                     for n, i in zip(batch, at):
                         verified[i] = sums[n]
                 delivered(at)
 
+            landing = _Landing(len(positions), landed if delivered else None)
             try:
                 self._fetch(info, [keys[i] for i in positions], [targets[i] for i in positions], addresses[positions],
-                            [copies[i] for i in positions], fetched, sums, _Handover(landed if delivered else None))
+                            [copies[i] for i in positions], landing)
             except (PegaflowError, grpc.RpcError) as exc:
                 # What landed whole and passed its checks before the failure is kept; the rest are misses.
                 self._forget_nodes()  # the owner may have restarted elsewhere: ask the index again
                 log.warning("remote: fetching %d blocks from %s failed (%s); the %d not in place are misses",
-                            len(positions), owner, exc, fetched.count(False))
+                            len(positions), owner, exc, landing.results.count(False))
             for n, i in enumerate(positions):
-                results[i] = fetched[n]
-                if verified is not None and fetched[n]:
-                    verified[i] = sums[n]
+                results[i] = landing.results[n]
+                if verified is not None and landing.results[n]:
+                    verified[i] = landing.sums[n]
         return results
 
     def close(self) -> None:
@@ -294,22 +299,18 @@ class RemoteTier(Tier):
         return ops, wanted
 
     def _fetch(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-               copies: Sequence[Location | None], results: list[bool], sums: list[int | None],
-               handover: _Handover) -> None:
+               copies: Sequence[Location | None], landing: _Landing) -> None:
         """Move ``keys`` from their owner into ``targets``: reading at once from where the owner
         published them (``copies``), when it did for all and the bytes are verified, else after
-        its Pin's answer. ``results[i]`` turns True once block i is in place and checked (and
-        ``sums[i]`` gets the checksum it passed, when it is one of this node's algorithm: the top
-        tier then seals the block with it instead of hashing it again); ``handover`` passes such
-        blocks on while the rest still move. Raises when the read or the Pin fails: the blocks
-        already marked in ``results`` landed whole and stay good."""
+        its Pin's answer; each block in place and checked is accepted into ``landing``. Raises when
+        the read or the Pin fails: the blocks accepted by then landed whole and stay good."""
         if self.options.verify and all(c is not None and c.offset >= 0 for c in copies):
-            self._fetch_published(info, keys, targets, addresses, copies, results, sums, handover)
+            self._fetch_published(info, keys, targets, addresses, copies, landing)
         else:
-            self._fetch_pinned(info, keys, targets, addresses, results, sums, handover)
+            self._fetch_pinned(info, keys, targets, addresses, landing)
 
     def _fetch_pinned(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-                      results: list[bool], sums: list[int | None], handover: _Handover) -> None:
+                      landing: _Landing) -> None:
         """``_fetch`` after the Pin: pin ``keys`` on their owner and move them into ``targets``
         with one transport read (the per-read cost is paid once, as by the bare transport). Each
         block is verified where and when the transport reports it in place: on the receiving
@@ -329,19 +330,15 @@ class RemoteTier(Tier):
 
             def check(j: int) -> None:
                 i = wanted[j]
-                if self.options.verify:
-                    if not self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
-                        return
-                    if ours:
-                        sums[i] = pinned.checksums[i]
-                results[i] = True
-                handover.add(i)
+                if not self.options.verify:
+                    landing.accept(i, None)
+                elif self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
+                    landing.accept(i, pinned.checksums[i] if ours else None)
 
             self._await(context.transport.read_reporting(ops, check, timeout_s=timeout), timeout)
 
     def _fetch_published(self, info: object, keys: list[BlockKey], targets: list[memoryview], addresses: np.ndarray,
-                         copies: Sequence[Location], results: list[bool], sums: list[int | None],
-                         handover: _Handover) -> None:
+                         copies: Sequence[Location], landing: _Landing) -> None:
         """``_fetch`` from the offsets the owner published: the read starts now and the Pin
         travels alongside it, so its round trip (~2.8 ms on the 2-core VM, docs/benchmarks.md)
         is off the fetch's path. Blocks that land before the Pin's answer wait for it; then a
@@ -361,12 +358,8 @@ class RemoteTier(Tier):
             i = wanted[j]
             if digest is None or pinned.offsets[i] != copies[i].offset or pinned.nbytes[i] != len(targets[i]):
                 return  # unverifiable, or not where it was read from any more: a miss
-            if not self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
-                return
-            if ours:
-                sums[i] = pinned.checksums[i]
-            results[i] = True
-            handover.add(i)
+            if self._verified(keys[i], targets[i], pinned.checksums[i], info.node_id, digest):
+                landing.accept(i, pinned.checksums[i] if ours else None)
 
         def check(j: int) -> None:
             with lock:
