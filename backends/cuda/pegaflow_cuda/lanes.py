@@ -223,6 +223,7 @@ class Lane:
         for t, tile in enumerate(tiles):
             b = (first_tile + t) % 2
             if tile.rows.stop > tile.rows.start:
+                self._upload_table(blocks, tile, self._staging[b], first)
                 if first_tile + t >= 2:
                     check(cu.cuStreamWaitEvent(first, self._free[b], 0), "cuStreamWaitEvent")
                 steps[0](blocks, tile, self._staging[b])
@@ -246,9 +247,12 @@ class Lane:
         self._dma.copy(*_joined(np.ascontiguousarray(dst).ravel(), np.ascontiguousarray(src).ravel(), size.ravel(),
                                 pinned.range_index(host.ravel())), int(self._dma_stream))
 
-    def _kernel(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
-        """The tile's gather into (save) or scatter out of (load) staging: its segment table is
-        written into the pinned table, uploaded and run, all on the kernel stream."""
+    def _upload_table(self, blocks: Blocks, tile: _Tile, staging: int, stream: object) -> None:
+        """The tile's kernel segments written into the pinned table and uploaded on ``stream``: the
+        stream that works on the tile first, ahead of its wait for a free buffer. A load's upload
+        used to sit on the kernel stream behind that tile's DMA, and then behind the next tile's
+        DMA as well, in the same host-to-device copy engine: the scatter, and with it the buffer
+        the DMA after the next one needs, waited for a whole tile's transfer."""
         runs, rows = tile.runs, tile.rows
         count = rows.stop - rows.start
         n = count * runs.planes.size
@@ -259,12 +263,16 @@ class Lane:
         table[:n] = dst.ravel()
         table[n : 2 * n] = src.ravel()
         table[2 * n :].reshape(count, -1)[:] = blocks.length[runs.planes][None, :]
-        cu = driver.cu
-        check(cu.cuMemcpyHtoDAsync(self._device_table + tile.table * 8, self._host_pointer + tile.table * 8, 3 * n * 8,
-                                   self._kernel_stream), "cuMemcpyHtoDAsync(segment table)")
+        check(driver.cu.cuMemcpyHtoDAsync(self._device_table + tile.table * 8, self._host_pointer + tile.table * 8,
+                                          3 * n * 8, stream), "cuMemcpyHtoDAsync(segment table)")
+
+    def _kernel(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
+        """The tile's gather into (save) or scatter out of (load) staging, on the kernel stream,
+        from the segments ``_upload_table`` queued."""
+        n = (tile.rows.stop - tile.rows.start) * tile.runs.planes.size
         args = ((self._device_table + tile.table * 8, n), (ctypes.c_void_p, ctypes.c_int))
-        check(cu.cuLaunchKernel(self._function, min(n, self._max_grid), 1, 1, THREADS, 1, 1, 0, self._kernel_stream,
-                                args, 0), "cuLaunchKernel(pegaflow_copy_segments)")
+        check(driver.cu.cuLaunchKernel(self._function, min(n, self._max_grid), 1, 1, THREADS, 1, 1, 0,
+                                       self._kernel_stream, args, 0), "cuLaunchKernel(pegaflow_copy_segments)")
 
     def _driver_copy(self, blocks: Blocks, planes: np.ndarray) -> None:
         """Blocks whose pool memory is not pinned yet (a freshly started daemon still pinning its
