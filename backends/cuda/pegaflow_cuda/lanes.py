@@ -93,6 +93,11 @@ class _Tile:
     table: int  # where its kernel segments start in the uploaded table (words)
     layers_done: int  # a load's layer count complete once this tile is in (0: not a group's last)
 
+    @property
+    def segments(self) -> int:
+        """Kernel segments: one per plane of each of the tile's blocks (3 table words each)."""
+        return (self.rows.stop - self.rows.start) * self.runs.planes.size
+
     def pieces(self, staging: int) -> np.ndarray:
         """Where each of the tile's blocks starts in ``staging`` (a column: one row per block)."""
         count = self.rows.stop - self.rows.start
@@ -192,7 +197,7 @@ class Lane:
             for lo in range(0, n_blocks, per_tile):
                 hi = min(n_blocks, lo + per_tile)
                 tiles.append(_Tile(slice(lo, hi), runs, at, layers if hi == n_blocks else 0))
-                at += 3 * (hi - lo) * runs.planes.size
+                at += 3 * tiles[-1].segments
             if not n_blocks:
                 tiles.append(_Tile(slice(0, 0), runs, at, layers))
         return tiles, at
@@ -249,13 +254,12 @@ class Lane:
 
     def _upload_table(self, blocks: Blocks, tile: _Tile, staging: int, stream: object) -> None:
         """The tile's kernel segments written into the pinned table and uploaded on ``stream``: the
-        stream that works on the tile first, ahead of its wait for a free buffer. A load's upload
-        used to sit on the kernel stream behind that tile's DMA, and then behind the next tile's
-        DMA as well, in the same host-to-device copy engine: the scatter, and with it the buffer
-        the DMA after the next one needs, waited for a whole tile's transfer."""
+        stream that works on the tile first, ahead of its wait for a free buffer. Queued on a
+        load's kernel stream, after the tile's DMA, the upload would wait in the host-to-device
+        copy engine behind the next tile's DMA too, and the scatter, with the buffer the DMA
+        after next needs, would start a whole tile late (docs/benchmarks.md, session 17)."""
         runs, rows = tile.runs, tile.rows
-        count = rows.stop - rows.start
-        n = count * runs.planes.size
+        count, n = rows.stop - rows.start, tile.segments
         stage = tile.pieces(staging) + runs.rel[None, :]
         engine = blocks.engine[rows][:, runs.planes]
         dst, src = (stage, engine) if self.direction == "save" else (engine, stage)
@@ -269,7 +273,7 @@ class Lane:
     def _kernel(self, blocks: Blocks, tile: _Tile, staging: int) -> None:
         """The tile's gather into (save) or scatter out of (load) staging, on the kernel stream,
         from the segments ``_upload_table`` queued."""
-        n = (tile.rows.stop - tile.rows.start) * tile.runs.planes.size
+        n = tile.segments
         args = ((self._device_table + tile.table * 8, n), (ctypes.c_void_p, ctypes.c_int))
         check(driver.cu.cuLaunchKernel(self._function, min(n, self._max_grid), 1, 1, THREADS, 1, 1, 0,
                                        self._kernel_stream, args, 0), "cuLaunchKernel(pegaflow_copy_segments)")
